@@ -1,0 +1,29 @@
+"""pytest-ddpfault: run PyTorch distributed code in real gloo groups and inject faults.
+
+Importing this package is cheap (no torch): the plugin and the harness load the heavy
+parts on first use.
+"""
+from __future__ import annotations
+
+from pytest_ddpfault.faults import Fault, FaultSpecError
+from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
+
+__all__ = ["Fault", "FaultSpecError", "FaultEvent", "GroupResult", "RankResult", "run_group", "step"]
+__version__ = "0.1.0"
+
+# Set inside a rank by the trigger machinery; None everywhere else.
+_step_hook = None
+
+
+def step() -> None:
+    """Mark one training step, for ``at=step#N`` triggers. A no-op outside the plugin."""
+    hook = _step_hook
+    if hook is not None:
+        hook()
+
+
+def run_group(fn, *args, **kwargs) -> GroupResult:
+    """Run ``fn`` in a real process group without pytest; see ``harness.run_group``."""
+    from pytest_ddpfault.harness import run_group as _run_group
+
+    return _run_group(fn, *args, **kwargs)

@@ -1,0 +1,430 @@
+"""One run of a function in a real process group: store, ranks, deadline, results.
+
+Usable without pytest::
+
+    from pytest_ddpfault.harness import run_group
+    res = run_group(fn, world_size=4, faults="kill_rank(rank=2)", timeout=30)
+
+A run owns one absolute deadline that starts when its ranks exist. Every inner wait
+uses the smaller of its own bound and what is left; clean-up has its own small budget
+after it. Whatever happens (a failure, Ctrl-C), no process and no listening socket of
+the run outlives ``run_group``.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import pickle
+import re
+import selectors
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pytest_ddpfault import faults as _faults
+from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault._events import EventInbox
+from pytest_ddpfault._pickling import dumps_call
+from pytest_ddpfault.child import ChildJob
+from pytest_ddpfault.harness_faults import action_for
+from pytest_ddpfault.launcher import get_launcher
+from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
+
+SETUP_BUDGET = 60.0        # store start-up, before the run's own clock starts
+STACK_DUMP_BUDGET = 2.0    # for every live rank to write its stacks at the deadline
+REAP_BUDGET = 10.0         # for killed processes to be reported gone
+OUTPUT_LIMIT = 1 << 20     # bytes of stdout/stderr kept per rank (the tail)
+
+
+class HarnessError(RuntimeError):
+    """The harness itself could not run the group (not a failure of the user's code)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    world_size: int = 2
+    faults: tuple = ()
+    timeout: float = 60.0
+    backend: str = "gloo"
+    init: bool = False
+    proxy: bool = False
+    start_method: str = "forkserver"
+    preload: tuple = ()
+    env: dict = field(default_factory=dict)
+    toxiproxy: object = None   # a client factory for network faults (see toxiproxy/)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+@dataclass
+class _Proc:
+    name: str
+    pid: int
+    started: float
+    stdout_path: str
+    stderr_path: str
+    stack_path: str
+    result_path: str = ""
+    rank: int | None = None
+    exit: object = None           # ChildExit once gone
+    ended_by_harness: str = ""    # why the harness killed it ("" = it was not)
+    frozen: bool = False          # stopped by hang_rank and not resumed
+
+
+class GroupRun:
+    """The state of one run; ``run()`` drives it from start to clean-up."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, config: RunConfig) -> None:
+        self.fn, self.args, self.kwargs, self.config = fn, args, kwargs, config
+        self.plan: tuple = _faults.parse_plan(config.faults)
+        _faults.validate_plan(self.plan, config.world_size)
+        self.dir = ""
+        self.inbox: EventInbox | None = None
+        self.launcher = None
+        self.store: _Proc | None = None
+        self.ranks: list[_Proc] = []
+        self.by_pid: dict[int, _Proc] = {}
+        self.events: list[FaultEvent] = []
+        self.start = 0.0
+        self.deadline = Deadline(float("inf"))
+        self.master_port: int | None = None
+        self.use_agent_store = True       # False: rank 0 hosts the store (plain env://)
+        self._timers: list = []
+        self._seq = itertools.count()
+        self._store_port: int | None = None
+        self.actions: list = []
+        self.on_proxy: Callable | None = None  # told the run's store Proxy, when it has one
+
+    # -- public ---------------------------------------------------------------
+    def run(self) -> GroupResult:
+        try:
+            self.dir = tempfile.mkdtemp(prefix="ddpf-", dir=_short_tmp())
+            self.inbox = EventInbox(os.path.join(self.dir, "ev"))
+            self.actions = [a for a in (action_for(f, self) for f in self.plan) if a is not None]
+            self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload))
+            setup = Deadline.after(SETUP_BUDGET)
+            for action in self.actions:
+                action.before_ranks(setup)
+            if self.master_port is None:
+                self._start_store(setup)
+            self._start_ranks(setup)
+            for action in self.actions:
+                action.after_ranks()
+            self._wait()
+            return self._collect()
+        finally:
+            self._cleanup()
+
+    # -- timers (harness-side faults) --------------------------------------------
+    def at(self, seconds_from_start: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (self.start + seconds_from_start, next(self._seq), callback))
+
+    def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "",
+               when: float | None = None) -> None:
+        when = time.monotonic() if when is None else when
+        self.events.append(FaultEvent(kind, rank, trigger, round(when - self.start, 4), spec, detail))
+
+    def kill_store(self) -> None:
+        if self.store is not None and self.store.exit is None:
+            self.store.ended_by_harness = "store_down"
+            self.launcher.signal(self.store.pid, signal.SIGKILL)
+
+    def signal_rank(self, rank: int, sig: int) -> None:
+        proc = self.ranks[rank]
+        if proc.exit is None:
+            self.launcher.signal(proc.pid, sig)
+
+    # -- start ------------------------------------------------------------------
+    def _paths(self, stem: str) -> dict:
+        return {k: os.path.join(self.dir, f"{stem}.{k}") for k in ("out", "err", "stack", "result")}
+
+    def _start_store(self, setup: Deadline) -> None:
+        p = self._paths("store")
+        opts = {"world_size": self.config.world_size, "events_path": self.inbox.path,
+                "timeout": max(self.config.timeout, 1.0)}
+        job = ChildJob("store host", "pytest_ddpfault.store_host:store_main", pickle.dumps(opts),
+                       self._base_env(), os.getcwd(), list(_sys_path()), p["out"], p["err"], p["stack"])
+        [(pid, started)] = self.launcher.launch_many([job], setup)
+        self.store = _Proc("store host", pid, started, p["out"], p["err"], p["stack"])
+        self.by_pid[pid] = self.store
+        while self._store_port is None:
+            if setup.expired():
+                raise HarnessError(f"the store host did not start in time{self._output_of(self.store)}")
+            self._pump(setup)
+            if self.store.exit is not None:
+                raise HarnessError(f"the store host died at start-up{self._output_of(self.store)}")
+        self.master_port = self._store_port
+
+    def _base_env(self) -> dict:
+        env = dict(os.environ)
+        env.pop("DDPFAULT_PLAN", None)  # ranks of ddp.run get their plan directly
+        env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
+        env.update(self.config.env)
+        return env
+
+    def rank_env(self, rank: int) -> dict:
+        ws = self.config.world_size
+        env = self._base_env()
+        env.update({
+            "RANK": str(rank), "WORLD_SIZE": str(ws), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(ws), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self.master_port),
+            "TORCHELASTIC_RESTART_COUNT": "0",
+        })
+        if self.use_agent_store:
+            env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+        else:
+            env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        return env
+
+    def _start_ranks(self, setup: Deadline) -> None:
+        from pytest_ddpfault.rank import RankTask
+
+        try:
+            blob = dumps_call(self.fn, self.args, self.kwargs)
+        except Exception as exc:
+            raise HarnessError(f"cannot send {self.fn!r} to the ranks: {type(exc).__name__}: {exc}") from exc
+        specs = tuple(str(f) for f in self.plan)
+        jobs, paths = [], []
+        for rank in range(self.config.world_size):
+            p = self._paths(f"rank{rank}")
+            task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
+                            specs, p["result"], self.inbox.path)
+            jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank:rank_main", pickle.dumps(task),
+                                 self.rank_env(rank), os.getcwd(), list(_sys_path()),
+                                 p["out"], p["err"], p["stack"]))
+            paths.append(p)
+        started = self.launcher.launch_many(jobs, setup)
+        for rank, ((pid, t), p) in enumerate(zip(started, paths)):
+            proc = _Proc(f"rank {rank}", pid, t, p["out"], p["err"], p["stack"], p["result"], rank)
+            self.ranks.append(proc)
+            self.by_pid[pid] = proc
+        # The run's clock starts now that its ranks exist (the zygote's start is not in it).
+        self.start = time.monotonic()
+        self.deadline = Deadline(self.start + self.config.timeout)
+
+    # -- waiting ----------------------------------------------------------------
+    def _pump(self, until: Deadline) -> None:
+        """Wait for one batch of exits or events (or ``until``), and handle them."""
+        sel = selectors.DefaultSelector()
+        try:
+            for obj in self.launcher.selectables():
+                sel.register(obj, selectors.EVENT_READ)
+            sel.register(self.inbox, selectors.EVENT_READ)
+            sel.select(until.remaining())
+        finally:
+            sel.close()
+        for ex in self.launcher.exits():
+            proc = self.by_pid.get(ex.pid)
+            if proc is not None and proc.exit is None:
+                proc.exit = ex
+        for ev in self.inbox.drain():
+            self._on_event(ev)
+
+    def _on_event(self, ev: dict) -> None:
+        kind = ev.get("type")
+        if kind == "store_ready":
+            self._store_port = int(ev["port"])
+        elif kind == "fault":
+            self.record(ev["kind"], ev.get("rank"), ev.get("trigger", ""), ev.get("spec", ""),
+                        ev.get("detail", ""), when=ev.get("time"))
+            rank = ev.get("rank")
+            if ev.get("freezes") and rank is not None:
+                self.ranks[rank].frozen = True
+                resume = ev.get("resume_after")
+                if resume:
+                    self.at(ev["time"] - self.start + resume, lambda r=rank: self._resume(r))
+
+    def _resume(self, rank: int) -> None:
+        proc = self.ranks[rank]
+        if proc.exit is None and proc.frozen:
+            proc.frozen = False
+            self.launcher.signal(proc.pid, signal.SIGCONT)
+            self.record("resume", rank, "", detail="SIGCONT after resume_after")
+
+    def _live(self) -> list[_Proc]:
+        return [p for p in self.ranks if p.exit is None]
+
+    def _wait(self) -> None:
+        while True:
+            live = self._live()
+            if not live:
+                return
+            if all(p.frozen for p in live):
+                # Nothing else can happen: reap the frozen ranks now, not at the deadline.
+                self._end(live, "frozen by hang_rank; ended once every other rank had finished")
+                return
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, callback = heapq.heappop(self._timers)
+                callback()
+            if self.deadline.expired():
+                self._end(live, f"still running at the harness deadline ({self.config.timeout:g} s)")
+                return
+            until = Deadline(min(self.deadline.at, self._timers[0][0])) if self._timers else self.deadline
+            self._pump(until)
+
+    def _end(self, procs: list[_Proc], why: str) -> None:
+        """Dump each process's stacks (C-level faulthandler), then kill its whole group."""
+        for p in procs:
+            p.ended_by_harness = why
+            self.launcher.signal(p.pid, signal.SIGUSR1, group=False)
+            self.launcher.signal(p.pid, signal.SIGCONT)  # a stopped rank handles it on resume
+        _wait_for_stacks(procs, Deadline.after(STACK_DUMP_BUDGET), lambda: self._pump(Deadline.after(0.02)))
+        for p in procs:
+            self.launcher.signal(p.pid, signal.SIGKILL)
+        self._reap(procs, Deadline.after(REAP_BUDGET))
+
+    def _reap(self, procs: list[_Proc], until: Deadline) -> None:
+        while any(p.exit is None for p in procs) and not until.expired():
+            self._pump(until)
+
+    # -- results ----------------------------------------------------------------
+    def _collect(self) -> GroupResult:
+        results = [self._rank_result(p) for p in self.ranks]
+        faulted = frozenset(
+            f.resolved_rank(self.config.world_size) for f in self.plan if _faults.KINDS[f.kind].targets_rank)
+        return GroupResult(results, sorted(self.events, key=lambda e: e.time), faulted,
+                           round(time.monotonic() - self.start, 4), _faults.format_plan(self.plan))
+
+    def _rank_result(self, p: _Proc) -> RankResult:
+        r = RankResult(rank=p.rank, status="hung")
+        r.stdout, r.stderr = _read_tail(p.stdout_path), _read_tail(p.stderr_path)
+        end = p.exit.time if p.exit is not None else time.monotonic()
+        record = _load_result(p.result_path)
+        if record is not None:
+            end = record["end"]
+            if record["status"] == "ok":
+                r.status = "ok"
+                try:
+                    r.value = pickle.loads(record["value_blob"])
+                except Exception as exc:
+                    r.status, r.exc_type = "raised", "pytest_ddpfault.ResultError"
+                    r.message = f"rank {p.rank}'s return value could not be unpickled here: {exc}"
+            else:
+                r.status = "raised"
+                r.exc_type, r.exc_mro = record["exc_type"], tuple(record["exc_mro"])
+                r.message, r.traceback = record["message"], record["traceback"]
+                if record["exc_blob"] is not None:
+                    try:
+                        r.exc = pickle.loads(record["exc_blob"])
+                    except Exception:
+                        r.exc = None
+        elif p.ended_by_harness:
+            r.status, r.note = "hung", p.ended_by_harness
+            r.stack = _trim_stack(_read_tail(p.stack_path)) or None
+        elif p.exit is not None and p.exit.signal is not None:
+            r.status = "killed"
+        else:
+            r.status = "exited"
+        if p.exit is not None:
+            r.signal, r.exit_code = p.exit.signal, p.exit.exit_code
+        r.duration = round(end - p.started, 4)
+        r.end_time = round(end - self.start, 4)
+        return r
+
+    def _output_of(self, p: _Proc) -> str:
+        text = (_read_tail(p.stdout_path) + _read_tail(p.stderr_path)).strip()
+        return f"; its output:\n{text[-4000:]}" if text else ""
+
+    # -- clean-up ---------------------------------------------------------------
+    def _cleanup(self) -> None:
+        procs = [p for p in [*self.ranks, self.store] if p is not None and p.exit is None]
+        if self.launcher is not None:
+            for p in procs:
+                self.launcher.signal(p.pid, signal.SIGCONT)
+                self.launcher.signal(p.pid, signal.SIGKILL)
+            try:
+                self._reap(procs, Deadline.after(REAP_BUDGET))
+            finally:
+                self.launcher.end_run()
+        for action in self.actions:
+            action.cleanup()
+        if self.inbox is not None:
+            self.inbox.close()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_for_stacks(procs: list[_Proc], until: Deadline, pump: Callable[[], None]) -> None:
+    """faulthandler writes from a signal handler; a dump is done when its file stops growing."""
+    sizes: dict[int, tuple[int, float]] = {}
+    while not until.expired():
+        pending = 0
+        for p in procs:
+            if p.exit is not None:
+                continue
+            size = _size(p.stack_path)
+            prev = sizes.get(p.pid)
+            if size == 0 or prev is None or prev[0] != size:
+                sizes[p.pid] = (size, time.monotonic())
+                pending += 1
+            elif time.monotonic() - prev[1] < 0.1:
+                pending += 1
+        if not pending:
+            return
+        pump()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_tail(path: str, limit: int = OUTPUT_LIMIT) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, _size(path) - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+_OWN_FRAMES = re.compile(r'File "(<frozen runpy>|.*pytest_ddpfault[/\\](rank|child|zygote)\.py)"')
+
+
+def _trim_stack(text: str) -> str:
+    """Drop the harness's own frames (zygote, bootstrap) below the user's code."""
+    return "\n".join(line for line in text.splitlines() if not _OWN_FRAMES.search(line))
+
+
+def _load_result(path: str) -> dict | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _short_tmp() -> str:
+    """A temp dir short enough for a Unix socket path (108 bytes)."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) < 60 else "/tmp"
+
+
+def _sys_path() -> list:
+    return list(sys.path)
+
+
+def run_group(fn: Callable, *args, world_size: int = 2, faults=None, timeout: float = 60.0,
+              init: bool = False, backend: str = "gloo", proxy: bool = False,
+              start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
+              toxiproxy=None, **kwargs) -> GroupResult:
+    """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
+    config = RunConfig(world_size=world_size, faults=tuple(_faults.parse_plan(faults)), timeout=timeout,
+                       backend=backend, init=init, proxy=proxy, start_method=start_method,
+                       preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy)
+    return GroupRun(fn, args, kwargs, config).run()

@@ -1,0 +1,280 @@
+"""Parent side of process start: the zygote client and the spawn fallback.
+
+Both launchers start a ``ChildJob`` in a new process group, report each child's end
+as a ``ChildExit`` and signal only children they have not reaped yet. The harness
+selects on ``selectables()`` and then calls ``exits()``.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import pickle
+import select
+import signal as _signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from pytest_ddpfault import _wire
+from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault.child import ChildJob
+
+# What DDP needs, imported once in the zygote: constructing DistributedDataParallel
+# lazily imports torch._dynamo (~800 modules, 2-4 s a rank otherwise).
+DEFAULT_PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "cloudpickle",
+    "pytest",
+    "pytest_ddpfault.rank",
+    "pytest_ddpfault.store_host",
+)
+ZYGOTE_START_TIMEOUT = 180.0  # importing torch on a loaded 2-core machine can take ~10 s
+# Keep BLAS/OpenMP pools from starting threads at import: the zygote must fork thread-free.
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class LauncherError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    pid: int
+    exit_code: int | None   # set when the child exited
+    signal: int | None      # set when a signal ended it
+    time: float             # time.monotonic() of its end
+
+
+def child_python_env() -> dict:
+    """Env for a fresh interpreter that must import what this one imports."""
+    env = dict(os.environ)
+    env.update(SINGLE_THREAD_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _decode_status(pid: int, status: int, when: float) -> ChildExit:
+    if os.WIFSIGNALED(status):
+        return ChildExit(pid, None, os.WTERMSIG(status), when)
+    return ChildExit(pid, os.waitstatus_to_exitcode(status), None, when)
+
+
+class ZygoteLauncher:
+    """Client of one zygote process (see ``zygote.py``)."""
+
+    method = "forkserver"
+
+    def __init__(self, preload: tuple[str, ...]) -> None:
+        self.preload = tuple(dict.fromkeys(DEFAULT_PRELOAD + tuple(preload)))
+        self._ids = itertools.count()
+        self._reader = _wire.FrameReader()
+        self._exits: list[ChildExit] = []
+        self._ready: dict | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="ddpfault-zygote-", suffix=".log", delete=False)
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest_ddpfault.zygote", str(child_sock.fileno()),
+                 str(os.getpid()), *self.preload],
+                pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
+                stdout=self._log, stderr=self._log, env=child_python_env(),
+                start_new_session=True,  # Ctrl-C is for the pytest process; it cleans up
+            )
+        finally:
+            child_sock.close()
+        self.sock = parent_sock
+
+    # -- wire ------------------------------------------------------------------
+    def _read_frames(self, deadline: Deadline) -> list[tuple[str, object]]:
+        ready, _, _ = select.select([self.sock], [], [], deadline.remaining())
+        if not ready:
+            return []
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise LauncherError(f"the zygote (pid {self.proc.pid}) died{self._log_tail()}")
+        frames = self._reader.feed(data)
+        for name, payload in frames:
+            if name == "exited":
+                self._exits.append(_decode_status(payload["pid"], payload["status"], payload["time"]))
+        return [f for f in frames if f[0] != "exited"]
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self._log.name, errors="replace") as f:
+                text = f.read()[-4000:]
+        except OSError:
+            return ""
+        return f"; its output:\n{text}" if text.strip() else ""
+
+    def wait_ready(self, deadline: Deadline) -> dict:
+        while self._ready is None:
+            if deadline.expired():
+                raise LauncherError(
+                    f"the zygote did not get ready within its start-up budget (preload {', '.join(self.preload)})"
+                    f"{self._log_tail()}")
+            for name, payload in self._read_frames(deadline):
+                if name == "ready":
+                    self._ready = payload
+        if self._ready["errors"]:
+            bad = "\n".join(f"--- {m}:\n{tb}" for m, tb in self._ready["errors"].items())
+            raise LauncherError(f"--ddp-preload: these modules failed to import in the zygote:\n{bad}")
+        return self._ready
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    # -- launcher API -----------------------------------------------------------
+    def launch_many(self, jobs: list[ChildJob], deadline: Deadline) -> list[tuple[int, float]]:
+        """Start every job; return ``(pid, start time)`` in the same order."""
+        self.wait_ready(deadline)
+        ids = [next(self._ids) for _ in jobs]
+        self.sock.sendall(b"".join(_wire.encode("spawn", {"id": i, "job": j}) for i, j in zip(ids, jobs)))
+        started: dict[int, tuple[int, float]] = {}
+        while len(started) < len(ids):
+            if deadline.expired():
+                raise LauncherError(f"the zygote did not start {len(ids) - len(started)} of {len(ids)} processes in time")
+            for name, payload in self._read_frames(deadline):
+                if name == "spawned":
+                    started[payload["id"]] = (payload["pid"], payload["time"])
+                elif name == "error":
+                    raise LauncherError(f"zygote: {payload['message']}")
+        return [started[i] for i in ids]
+
+    def selectables(self) -> list:
+        return [self.sock]
+
+    def exits(self, deadline: Deadline | None = None) -> list[ChildExit]:
+        """Exits reported so far; reads what the socket has (waiting at most until ``deadline``)."""
+        self._read_frames(deadline or Deadline(0))
+        out, self._exits = self._exits, []
+        return out
+
+    def signal(self, pid: int, sig: int, group: bool = True) -> None:
+        try:
+            _wire.send(self.sock, "signal", {"pid": pid, "sig": int(sig), "group": group})
+        except OSError:
+            pass  # zygote gone: its children died with it (PDEATHSIG)
+
+    def end_run(self) -> None:
+        """Nothing to do: the zygote serves the next run."""
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            _wire.send(self.sock, "shutdown", None)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self.sock.close()
+        self._log.close()
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass
+
+
+class SpawnLauncher:
+    """Each child is a fresh interpreter (``--ddp-start-method spawn``): slow, but no zygote."""
+
+    method = "spawn"
+
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        self._procs: dict[int, tuple[subprocess.Popen, int]] = {}
+        self._exits: list[ChildExit] = []
+
+    def launch_many(self, jobs: list[ChildJob], deadline: Deadline) -> list[tuple[int, float]]:
+        out = []
+        for job in jobs:
+            job_file = job.stack_path.rsplit(".", 1)[0] + ".job" if job.stack_path else job.stdout_path + ".job"
+            with open(job_file, "wb") as f:
+                pickle.dump(job, f)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest_ddpfault.child", job_file, str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=child_python_env(), start_new_session=True)
+            self._procs[proc.pid] = (proc, os.pidfd_open(proc.pid))
+            out.append((proc.pid, time.monotonic()))
+        return out
+
+    def selectables(self) -> list:
+        return [fd for _, fd in self._procs.values()]
+
+    def exits(self, deadline: Deadline | None = None) -> list[ChildExit]:
+        fds = {fd: pid for pid, (_, fd) in self._procs.items()}
+        if fds:
+            ready, _, _ = select.select(list(fds), [], [], (deadline or Deadline(0)).remaining())
+            for fd in ready:
+                pid = fds[fd]
+                proc, _ = self._procs.pop(pid)
+                os.close(fd)
+                code = proc.wait()
+                when = time.monotonic()
+                self._exits.append(ChildExit(pid, None, -code, when) if code < 0 else ChildExit(pid, code, None, when))
+        out, self._exits = self._exits, []
+        return out
+
+    def signal(self, pid: int, sig: int, group: bool = True) -> None:
+        entry = self._procs.get(pid)
+        if entry is None or entry[0].returncode is not None:
+            return  # reaped: its pid may belong to someone else now
+        try:
+            os.killpg(pid, sig) if group else os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def end_run(self) -> None:
+        self.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        for pid in list(self._procs):
+            self.signal(pid, _signal.SIGKILL)
+        self.exits(Deadline.after(timeout))
+
+
+_lock = threading.Lock()
+_zygotes: dict[tuple[str, ...], ZygoteLauncher] = {}
+
+
+def prestart(preload: tuple[str, ...] = ()) -> None:
+    """Start the zygote now (without waiting), so its start-up overlaps other work."""
+    with _lock:
+        z = _zygotes.get(preload)
+        if z is not None and not z.alive:
+            z.close()
+            z = None
+        if z is None:
+            _zygotes[preload] = ZygoteLauncher(preload)
+
+
+def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = ()):
+    """The launcher for ``method``; the zygote is shared by every run of this process."""
+    if method == "spawn":
+        return SpawnLauncher(preload)
+    if method != "forkserver":
+        raise LauncherError(f"start method {method!r} is not one of: forkserver, spawn")
+    prestart(preload)
+    z = _zygotes[preload]
+    z.wait_ready(Deadline.after(ZYGOTE_START_TIMEOUT))
+    return z
+
+
+def shutdown_all() -> None:
+    with _lock:
+        for z in _zygotes.values():
+            z.close()
+        _zygotes.clear()
+
+
+atexit.register(shutdown_all)

@@ -1,0 +1,155 @@
+"""pytest-ddpfault: pytest hooks, options, the ``ddp`` marker and fixtures.
+
+Loading this module must stay cheap: no torch. The harness and the zygote are
+imported on first use; the zygote is started as soon as collection finds a test that
+uses ``ddp``, so its start-up (seconds) overlaps collection instead of a test's clock.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from pytest_ddpfault.settings import (
+    DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
+    check_start_method, marker_settings, parse_preload, parse_timeout,
+)
+
+HELP_TIMEOUT = "deadline in seconds for one ddp.run when the marker sets none (default 60)"
+HELP_START_METHOD = "how rank processes start: forkserver (warm zygote, default) or spawn"
+HELP_PRELOAD = "comma-separated modules to import in the zygote before ranks fork"
+HELP_MAX_PROCS = "cap on rank processes running at once across pytest-xdist workers"
+HELP_TOXIPROXY_URL = "use the Toxiproxy server at this URL (else toxiproxy-server on PATH, else the embedded one)"
+MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of world_size "
+               "ranks with the given fault plan (spec string, Fault or list) and deadline.")
+
+_settings_key = pytest.StashKey["SessionSettings"]()
+_results_key = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ddpfault", "fault injection for torch.distributed (pytest-ddpfault)")
+    group.addoption("--ddp-timeout", dest="ddp_timeout", default=None, help=HELP_TIMEOUT)
+    group.addoption("--ddp-start-method", dest="ddp_start_method", default=None,
+                    choices=START_METHODS, help=HELP_START_METHOD)
+    group.addoption("--ddp-preload", dest="ddp_preload", default=None, help=HELP_PRELOAD)
+    group.addoption("--ddp-max-procs", dest="ddp_max_procs", default=None, type=int, help=HELP_MAX_PROCS)
+    group.addoption("--toxiproxy-url", dest="toxiproxy_url", default=None, help=HELP_TOXIPROXY_URL)
+    parser.addini("ddp_timeout", HELP_TIMEOUT, default=None)
+    parser.addini("ddp_start_method", HELP_START_METHOD, default=None)
+    parser.addini("ddp_preload", HELP_PRELOAD, default=None)
+    parser.addini("ddp_max_procs", HELP_MAX_PROCS, default=None)
+    parser.addini("toxiproxy_url", HELP_TOXIPROXY_URL, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    try:
+        config.stash[_settings_key] = _session_settings(config)
+    except SettingsError as exc:
+        raise pytest.UsageError(f"pytest-ddpfault: {exc}") from None
+
+
+def _session_settings(config: pytest.Config) -> SessionSettings:
+    """ini < env < CLI; each error names where the bad value came from."""
+    def pick(name: str, env: str):
+        cli = config.getoption(name)
+        if cli is not None:
+            return cli, f"--{name.replace('_', '-')}"
+        if os.environ.get(env):
+            return os.environ[env], f"${env}"
+        ini = config.getini(name)
+        return (ini, f"ini {name}") if ini else (None, "")
+
+    timeout, src = pick("ddp_timeout", "DDPFAULT_TIMEOUT")
+    method, msrc = pick("ddp_start_method", "DDPFAULT_START_METHOD")
+    preload, _ = pick("ddp_preload", "DDPFAULT_PRELOAD")
+    max_procs, psrc = pick("ddp_max_procs", "DDPFAULT_MAX_PROCS")
+    url, _ = pick("toxiproxy_url", "TOXIPROXY_URL")
+    if max_procs is not None:
+        try:
+            max_procs = int(max_procs)
+            if max_procs < 1:
+                raise ValueError
+        except ValueError:
+            raise SettingsError(f"max procs {max_procs!r} from {psrc}: must be an int >= 1") from None
+    return SessionSettings(
+        timeout=parse_timeout(timeout, src) if timeout is not None else DEFAULT_TIMEOUT,
+        start_method=check_start_method(method, msrc) if method is not None else "forkserver",
+        preload=parse_preload(preload),
+        max_procs=max_procs,
+        toxiproxy_url=url or None,
+    )
+
+
+def _marker(node):
+    return node.get_closest_marker("ddp")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Bad marker arguments fail at collection, naming the test and the value."""
+    marker = _marker(metafunc.definition)
+    if marker is None:
+        return
+    try:
+        marker_settings(marker.args, marker.kwargs, metafunc.config.stash[_settings_key])
+        return
+    except SettingsError as exc:
+        error = str(exc)
+    pytest.fail(f"{metafunc.definition.nodeid}: {error}", pytrace=False)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    settings = session.config.stash[_settings_key]
+    if settings.start_method != "forkserver":
+        return
+    if any("ddp" in getattr(item, "fixturenames", ()) for item in session.items):
+        from pytest_ddpfault import launcher
+
+        launcher.prestart(settings.preload)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    launcher = sys.modules.get("pytest_ddpfault.launcher")
+    if launcher is not None:
+        launcher.shutdown_all()
+
+
+@pytest.fixture
+def ddp(request: pytest.FixtureRequest):
+    """Runs functions in a real gloo group: ``ddp.run(fn, *args, **kwargs) -> GroupResult``.
+
+    Configured by ``@pytest.mark.ddp(...)``; without it: world_size=2, no fault.
+    """
+    from pytest_ddpfault.runner import DDP
+
+    settings = request.config.stash[_settings_key]
+    marker = _marker(request.node)
+    ms = marker_settings(marker.args, marker.kwargs, settings) if marker else marker_settings((), {}, settings)
+    runner = DDP(world_size=ms.world_size, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
+                 proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
+                 toxiproxy=_toxiproxy_factory(request))
+    request.node.stash[_results_key] = runner.results
+    return runner
+
+
+def _toxiproxy_factory(request: pytest.FixtureRequest):
+    """Network faults need a Toxiproxy client; get the session's lazily, only then."""
+    def get():
+        return request.getfixturevalue("toxiproxy")
+    return get
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    results = item.stash.get(_results_key, None)
+    if results and report.failed and call.when == "call":
+        shown = str(report.longrepr)
+        for i, res in enumerate(results):
+            if res.summary() in shown:  # our own assertion already shows it
+                continue
+            title = "ddp ranks" if len(results) == 1 else f"ddp ranks (run {i + 1} of {len(results)})"
+            report.sections.append((title, res.report()))

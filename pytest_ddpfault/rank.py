@@ -1,0 +1,107 @@
+"""Runs inside a rank: the user's function, the fault plan's triggers, the result.
+
+Imports nothing from the pytest side. The result goes to a file (atomically, so a
+rank killed half-way leaves none rather than a torn one); events go to the harness's
+inbox as they happen.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import cloudpickle
+
+from pytest_ddpfault._events import EventSink
+
+
+@dataclass
+class RankTask:
+    rank: int
+    world_size: int
+    fn_blob: bytes            # cloudpickle of (fn, args, kwargs)
+    init: bool
+    backend: str
+    faults: tuple             # the whole plan, as spec strings; each rank picks its own
+    result_path: str
+    events_path: str
+
+
+def _qualname(cls: type) -> str:
+    module = getattr(cls, "__module__", "builtins")
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def exception_record(exc: BaseException) -> dict:
+    try:
+        blob = cloudpickle.dumps(exc)
+        pickle.loads(blob)  # only keep what can be rebuilt
+    except Exception:
+        blob = None
+    return {
+        "status": "raised",
+        "exc_blob": blob,
+        "exc_type": _qualname(type(exc)),
+        "exc_mro": [_qualname(c) for c in type(exc).__mro__],
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def value_record(value, rank: int) -> dict:
+    try:
+        return {"status": "ok", "value_blob": cloudpickle.dumps(value)}
+    except Exception as exc:
+        err = TypeError(f"rank {rank} returned a value that cannot be pickled "
+                        f"({type(value).__name__}): {exc}")
+        return exception_record(err)
+
+
+def write_result(path: str, record: dict) -> None:
+    record["end"] = time.monotonic()
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def _call_user(task: RankTask):
+    fn, args, kwargs = cloudpickle.loads(task.fn_blob)
+    if not task.init:
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    dist.init_process_group(task.backend)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_main(job) -> int:
+    """``ChildJob`` target of every rank; returns the process exit code."""
+    task: RankTask = pickle.loads(job.payload)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    events = EventSink(task.events_path)
+    if task.faults:
+        from pytest_ddpfault.triggers import install_plan
+
+        install_plan(task.faults, task.rank, task.world_size, events)
+    try:
+        value = _call_user(task)
+    except SystemExit as exc:  # the user's own exit: the process exits, no result
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:
+        record = exception_record(exc)
+    else:
+        record = value_record(value, task.rank)
+    write_result(task.result_path, record)
+    return 0

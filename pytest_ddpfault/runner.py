@@ -1,0 +1,56 @@
+"""The object behind the ``ddp`` fixture; usable without pytest as well."""
+from __future__ import annotations
+
+from typing import Callable
+
+from pytest_ddpfault import faults as _faults
+from pytest_ddpfault.results import GroupResult
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
+
+_UNSET = object()
+
+
+class DDP:
+    """Runs functions in real process groups of ``world_size`` ranks.
+
+    ``faults`` is the default plan (the marker's); ``run(..., faults=...)`` overrides it.
+    """
+
+    def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
+                 backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
+                 preload: tuple = (), toxiproxy=None) -> None:
+        self.world_size = world_size
+        self.faults: tuple = tuple(_faults.parse_plan(faults))
+        _faults.validate_plan(self.faults, world_size)
+        self.timeout = timeout
+        self.backend = backend
+        self.proxy = proxy
+        self.start_method = start_method
+        self.preload = tuple(preload)
+        self.toxiproxy = toxiproxy      # a callable returning a toxiproxy client, for network faults
+        self.store_proxy = None         # the toxiproxy-python Proxy of the current/last proxied run
+        self.results: list[GroupResult] = []
+
+    def run(self, fn: Callable, *args, faults=_UNSET, timeout=_UNSET, init: bool = False,
+            **kwargs) -> GroupResult:
+        """Run ``fn(*args, **kwargs)`` once in each rank and wait for all of them."""
+        from pytest_ddpfault.harness import GroupRun, RunConfig
+
+        plan = self.faults if faults is _UNSET else tuple(_faults.parse_plan(faults))
+        _faults.validate_plan(plan, self.world_size)
+        limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
+        config = RunConfig(world_size=self.world_size, faults=plan, timeout=limit, backend=self.backend,
+                           init=init, proxy=self.proxy, start_method=self.start_method,
+                           preload=self.preload, toxiproxy=self.toxiproxy)
+        run = GroupRun(fn, args, kwargs, config)
+        run.on_proxy = self._set_proxy
+        result = run.run()
+        self.results.append(result)
+        return result
+
+    def _set_proxy(self, proxy) -> None:
+        self.store_proxy = proxy
+
+    def __repr__(self) -> str:
+        plan = _faults.format_plan(self.faults) or "no fault"
+        return f"<ddp world_size={self.world_size} {plan} timeout={self.timeout:g}s>"

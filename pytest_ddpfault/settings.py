@@ -1,0 +1,103 @@
+"""Settings of a run, resolved once with a stated precedence: ini < env < CLI < marker.
+
+Kept apart from plugin.py so that validation can be used (and tested) without pytest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pytest_ddpfault import faults as _faults
+
+START_METHODS = ("forkserver", "spawn")
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_WORLD_SIZE = 2
+MARKER_SIGNATURE = "ddp(world_size, fault=None, timeout=60.0, backend='gloo', proxy=False)"
+MARKER_KEYS = ("world_size", "fault", "timeout", "backend", "proxy")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def check_timeout(value, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"timeout {value!r} from {source}: must be a positive number of seconds")
+    return float(value)
+
+
+def parse_timeout(text, source: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise SettingsError(f"timeout {text!r} from {source}: must be a positive number of seconds") from None
+    return check_timeout(value, source)
+
+
+def check_world_size(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"world_size {value!r} from {source}: must be an int >= 1")
+    return value
+
+
+def check_start_method(value: str, source: str) -> str:
+    if value not in START_METHODS:
+        raise SettingsError(f"start method {value!r} from {source}: allowed: {', '.join(START_METHODS)}")
+    return value
+
+
+def parse_preload(text: str | None) -> tuple[str, ...]:
+    return tuple(m.strip() for m in (text or "").split(",") if m.strip())
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """From ini, env and the command line; the same for every test of a session."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    start_method: str = "forkserver"
+    preload: tuple = ()
+    max_procs: int | None = None
+    toxiproxy_url: str | None = None
+
+
+@dataclass(frozen=True)
+class MarkerSettings:
+    """One test's ``@pytest.mark.ddp(...)``, validated."""
+
+    world_size: int = DEFAULT_WORLD_SIZE
+    faults: tuple = ()
+    timeout: float = DEFAULT_TIMEOUT
+    backend: str = "gloo"
+    proxy: bool = False
+    explicit: frozenset = field(default_factory=frozenset)  # keys the marker set
+
+
+def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> MarkerSettings:
+    """Validate a ddp marker's arguments; ``SettingsError`` names the bad value."""
+    source = "@pytest.mark." + MARKER_SIGNATURE.split("(")[0]
+    if len(args) > 1:
+        raise SettingsError(f"{source} takes at most one positional argument (world_size), got {len(args)}: "
+                            f"signature is {MARKER_SIGNATURE}")
+    values = dict(kwargs)
+    if args:
+        if "world_size" in values:
+            raise SettingsError(f"{source}: world_size given both positionally and as a keyword")
+        values["world_size"] = args[0]
+    unknown = sorted(set(values) - set(MARKER_KEYS))
+    if unknown:
+        raise SettingsError(f"{source}: unknown keyword {unknown[0]!r}; allowed: {', '.join(MARKER_KEYS)}")
+    world_size = check_world_size(values.get("world_size", DEFAULT_WORLD_SIZE), f"{source}(world_size=...)")
+    timeout = (check_timeout(values["timeout"], "marker") if "timeout" in values else session.timeout)
+    backend = values.get("backend", "gloo")
+    if not isinstance(backend, str) or not backend:
+        raise SettingsError(f"backend {backend!r} from marker: must be a backend name such as 'gloo'")
+    proxy = values.get("proxy", False)
+    if not isinstance(proxy, bool):
+        raise SettingsError(f"proxy {proxy!r} from marker: must be True or False")
+    try:
+        plan = _faults.parse_plan(values.get("fault"))
+        _faults.validate_plan(plan, world_size)
+    except _faults.FaultSpecError as exc:
+        raise SettingsError(f"fault {values.get('fault')!r} from marker: {exc}") from None
+    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy, frozenset(values))
