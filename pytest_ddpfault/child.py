@@ -95,6 +95,7 @@ def run_job(job: ChildJob, expected_parent: int):
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers too: os._exit skips them
         except BaseException:
             pass
         os._exit(code if isinstance(code, int) else BOOTSTRAP_FAILED)

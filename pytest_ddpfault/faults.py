@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 __all__ = [
@@ -112,13 +112,16 @@ class Trigger:
         m = re.fullmatch(r"t\s*=\s*(.*)", spec, re.S)
         if m:
             try:
-                return cls("time", seconds=float(m.group(1)))
+                seconds = float(m.group(1))
             except ValueError:
                 raise FaultSpecError("SECONDS must be a number >= 0, e.g. t=1.5") from None
+            return cls("time", seconds=seconds)
         m = re.fullmatch(r"([A-Za-z_]\w*)\s*(?:#(.*))?", spec, re.S)
         if not m:
             raise FaultSpecError(f"expected one of {_ALL_FORMS}")
         name, count = m.groups()
+        if name == "init":
+            raise FaultSpecError("init happens once: write at=init, without a call number")
         if count is not None and not count.strip().isdecimal():
             raise FaultSpecError(f"the call number must be a whole number >= 1, e.g. {name}#1")
         n = 1 if count is None else int(count)
@@ -469,9 +472,9 @@ class PortCollision(_Harness):
     name = "port_collision"
     doc = "a foreign socket holds MASTER_PORT from before the ranks start"
     before_ranks = once_per_plan = True
-    params = (Param("mode", _Choice("listen", "bind"), "listen", "listen: accepts, never answers; "
-                    "bind: bound, not listening"),
-              Param("hold_for", _POSITIVE_SECONDS, None, "seconds after the ranks are up until it is released"))
+    params = (Param("mode", _Choice("listen", "bind"), "listen",
+                    "listen: accepts, never answers; bind: bound, not listening"),
+              Param("hold_for", _POSITIVE_SECONDS, None, "seconds from the ranks' start to release"))
     refused = {"rank": "the port is the whole group's",
                "at": "the port is held from before the ranks start (use hold_for=S to release it)"}
 
@@ -840,6 +843,10 @@ class TriggerCounter:
                 raise TypeError("TriggerCounter(rank=...) needs world_size to resolve default ranks")
             plan = rank_faults(plan, rank, world_size)
         self.faults = plan
+        # Resolved once: record() runs on every op of the rank.
+        triggers = [(i, f.resolved_at()) for i, f in enumerate(plan)]
+        self._calls = [(i, *at.counted) for i, at in triggers if at is not None and at.counted]
+        self._times = [(i, at.seconds) for i, at in triggers if at is not None and at.kind == "time"]
         self._counts: Counter[str] = Counter()
         self._fired: set[int] = set()  # indices: equal faults in one plan fire separately
         self._lock = threading.Lock()
@@ -854,13 +861,10 @@ class TriggerCounter:
             if name in COLLECTIVE_OPS:
                 self._counts["collective"] += 1
             due = []
-            for i, fault in enumerate(self.faults):
-                at = fault.resolved_at()
-                counted = at.counted if at is not None else None
-                if counted is None or not (counted[0] == name or
-                                           (counted[0] == "collective" and name in COLLECTIVE_OPS)):
+            for i, watched, n in self._calls:
+                if watched != name and not (watched == "collective" and name in COLLECTIVE_OPS):
                     continue
-                seen, n = self._counts[counted[0]], counted[1]
+                seen, fault = self._counts[watched], self.faults[i]
                 if seen == n or (seen > n and fault.definition.repeats(fault)):
                     self._fired.add(i)
                     due.append(fault)
@@ -869,19 +873,16 @@ class TriggerCounter:
     def due_at(self, elapsed: float) -> tuple[Fault, ...]:
         """The ``t=`` faults whose time has come by ``elapsed`` seconds, each returned once."""
         with self._lock:
-            due = [i for i, s in self._timed() if s <= elapsed]
+            due = [i for i, s in self._times if s <= elapsed and i not in self._fired]
             self._fired.update(due)
             return tuple(self.faults[i] for i in due)
 
     def next_time(self) -> float | None:
         """Seconds of the earliest ``t=`` fault not yet fired (for a timer), or None."""
         with self._lock:
-            return min((s for _, s in self._timed()), default=None)
+            return min((s for i, s in self._times if i not in self._fired), default=None)
 
     def pending(self) -> tuple[Fault, ...]:
+        """Faults that have not fired (yet)."""
         with self._lock:
             return tuple(f for i, f in enumerate(self.faults) if i not in self._fired)
-
-    def _timed(self) -> list[tuple[int, float]]:
-        return [(i, at.seconds) for i, f in enumerate(self.faults)
-                if i not in self._fired and (at := f.resolved_at()) is not None and at.kind == "time"]

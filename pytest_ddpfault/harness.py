@@ -77,6 +77,7 @@ class _Proc:
     rank: int | None = None
     exit: object = None           # ChildExit once gone
     ended_by_harness: str = ""    # why the harness killed it ("" = it was not)
+    ended_at: float = 0.0         # when the harness decided to end it
     frozen: bool = False          # stopped by hang_rank and not resumed
 
 
@@ -249,7 +250,7 @@ class GroupRun:
         if proc.exit is None and proc.frozen:
             proc.frozen = False
             self.launcher.signal(proc.pid, signal.SIGCONT)
-            self.record("resume", rank, "", detail="SIGCONT after resume_after")
+            self.record("resume", rank, "resume_after", detail="SIGCONT")
 
     def _live(self) -> list[_Proc]:
         return [p for p in self.ranks if p.exit is None]
@@ -275,8 +276,9 @@ class GroupRun:
 
     def _end(self, procs: list[_Proc], why: str) -> None:
         """Dump each process's stacks (C-level faulthandler), then kill its whole group."""
+        now = time.monotonic()
         for p in procs:
-            p.ended_by_harness = why
+            p.ended_by_harness, p.ended_at = why, now
             self.launcher.signal(p.pid, signal.SIGUSR1, group=False)
             self.launcher.signal(p.pid, signal.SIGCONT)  # a stopped rank handles it on resume
         _wait_for_stacks(procs, Deadline.after(STACK_DUMP_BUDGET), lambda: self._pump(Deadline.after(0.02)))
@@ -301,6 +303,8 @@ class GroupRun:
         r.stdout, r.stderr = _read_tail(p.stdout_path), _read_tail(p.stderr_path)
         end = p.exit.time if p.exit is not None else time.monotonic()
         record = _load_result(p.result_path)
+        if record is not None and p.ended_by_harness and record["end"] >= p.ended_at:
+            record = None  # written while being ended (a frozen rank resumed for its stack dump)
         if record is not None:
             end = record["end"]
             if record["status"] == "ok":

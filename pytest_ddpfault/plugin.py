@@ -7,7 +7,6 @@ uses ``ddp``, so its start-up (seconds) overlaps collection instead of a test's 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
@@ -108,12 +107,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         from pytest_ddpfault import launcher
 
         launcher.prestart(settings.preload)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    launcher = sys.modules.get("pytest_ddpfault.launcher")
-    if launcher is not None:
-        launcher.shutdown_all()
 
 
 @pytest.fixture

@@ -84,6 +84,7 @@ def _call_user(task: RankTask):
 
 def rank_main(job) -> int:
     """``ChildJob`` target of every rank; returns the process exit code."""
+    job_started = time.monotonic()
     task: RankTask = pickle.loads(job.payload)
     import torch
 
@@ -92,7 +93,7 @@ def rank_main(job) -> int:
     if task.faults:
         from pytest_ddpfault.triggers import install_plan
 
-        install_plan(task.faults, task.rank, task.world_size, events)
+        install_plan(task.faults, task.rank, task.world_size, events, started=job_started)
     try:
         value = _call_user(task)
     except SystemExit as exc:  # the user's own exit: the process exits, no result

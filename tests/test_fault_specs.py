@@ -53,9 +53,7 @@ FULL_SPECS = {
 def test_every_kind_has_a_full_example():
     assert sorted(FULL_SPECS) == list(FAULT_KIND_NAMES)
     for name, spec in FULL_SPECS.items():
-        keys = {k for k in Fault.parse(spec).params}
-        # the network kinds' examples share out their optional params between them
-        assert keys <= set(KINDS[name].keys)
+        assert Fault.parse(spec).kind == name
 
 
 @pytest.mark.parametrize("kind", FAULT_KIND_NAMES)
@@ -105,7 +103,7 @@ def test_normalised_form(spec, canonical):
 def test_python_construction_validates_and_normalises():
     by_python = Fault("kill_rank", rank=2, at="all_reduce#1", signal=signal.SIGTERM)
     assert by_python == Fault.parse("kill_rank(rank=2, at=all_reduce#1, signal=SIGTERM)")
-    assert Fault("kill_rank", signal=15) == by_python.__class__("kill_rank", signal="SIGTERM")
+    assert Fault("kill_rank", signal=15) == Fault("kill_rank", signal="SIGTERM")
     assert Fault("kill_rank", at=Trigger.parse("t=2")) == Fault.parse("kill_rank(at=t=2.0)")
     assert Fault("kill_rank", rank=None, at=None) == Fault("kill_rank")  # None = not given
     assert Fault("delay", seconds=2, every=True).params == {"seconds": 2.0, "every": True}
@@ -259,6 +257,7 @@ def test_every_plan_round_trips(plan):
                                     "the first call is all_reduce#1"]),
     ("kill_rank(at=step#0)", ["bad trigger 'step#0'", "the first call is step#1"]),
     ("kill_rank(at=barrier#-1)", ["bad trigger 'barrier#-1'", "whole number >= 1, e.g. barrier#1"]),
+    ("kill_rank(at=init#2)", ["bad trigger 'init#2'", "write at=init, without a call number"]),
     ("kill_rank(at=all_reduc#2)", ["bad trigger 'all_reduc#2'", "unknown op 'all_reduc'",
                                    "did you mean 'all_reduce'?", "OP is one of: all_gather"]),
     ("kill_rank(rank=1", ["unbalanced parentheses in 'kill_rank(rank=1'", "missing ')'"]),
@@ -300,7 +299,7 @@ def test_parse_errors_name_the_fragment_and_the_fix(spec, expected):
     (lambda: Trigger("op", op="all_reduce"), "not a trigger"),
 ])
 def test_python_errors(call, expected):
-    with pytest.raises(FaultSpecError, match=None) as info:
+    with pytest.raises(FaultSpecError) as info:
         call()
     assert expected in str(info.value)
 
@@ -342,7 +341,7 @@ def test_parse_plan_forms():
 
 
 def test_parse_plan_errors():
-    with pytest.raises(FaultSpecError, match=r"plan item 1 is int 3: expected a fault spec string or a Fault"):
+    with pytest.raises(FaultSpecError, match="plan item 1 is int 3: expected a fault spec string or a Fault"):
         parse_plan(["kill_rank", 3])
     with pytest.raises(FaultSpecError, match="expected a fault plan"):
         parse_plan(3.5)
@@ -466,7 +465,8 @@ def test_counter_fires_once_at_the_nth_call():
 
 def test_collective_counts_every_op_but_new_group():
     c = TriggerCounter("crash_rank(at=collective#3)")
-    assert _due(c, "barrier", "new_group", "send", "step", "all_gather") == [[], [], [], [], ["crash_rank(at=collective#3)"]]
+    assert _due(c, "barrier", "new_group", "send", "step", "all_gather") == \
+        [[], [], [], [], ["crash_rank(at=collective#3)"]]
     assert c.count("collective") == 3
     default = TriggerCounter("kill_rank")  # default trigger: the first collective
     assert _due(default, "init", "recv") == [[], ["kill_rank"]]
@@ -548,7 +548,7 @@ def test_kill_rank_and_crash_code_in_a_process():
     killed = _python("Fault.parse('kill_rank(signal=SIGTERM)').fire_in_rank()\nprint('survived')")
     out, _ = killed.communicate(timeout=30)
     assert killed.returncode == -signal.SIGTERM and "survived" not in out
-    exited = _python("print('before', flush=False)\nFault('crash_rank', code=3, message='gone').fire_in_rank()")
+    exited = _python("print('before')\nFault('crash_rank', code=3, message='gone').fire_in_rank()")
     out, err = exited.communicate(timeout=30)
     assert exited.returncode == 3 and "before" in out and "gone" in err
 

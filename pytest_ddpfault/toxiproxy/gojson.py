@@ -19,6 +19,7 @@ from typing import Any, Iterable, NamedTuple
 
 __all__ = [
     "BadJSON",
+    "json_kind",
     "Field",
     "decode_first",
     "decode_struct",
@@ -75,7 +76,7 @@ def decode_first(body: bytes) -> Any:
     return value
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """Go's word for a JSON value's kind in ``cannot unmarshal <kind>``."""
     if isinstance(value, bool):
         return "bool"
@@ -99,7 +100,7 @@ def float32(value: float) -> float:
 
 def _convert(value: Any, gotype: str, where: str) -> Any:
     """Check one decoded JSON value against a Go field type; return the Python value."""
-    kind = _kind(value)
+    kind = json_kind(value)
     wrong = BadJSON(f"json: cannot unmarshal {kind} into {where} of type {gotype}")
     if gotype == "string":
         if kind != "string":
@@ -157,7 +158,7 @@ def decode_struct(
     if not isinstance(value, dict):
         where = f"Go value of type {top_type}" if top_type else f"Go struct field {struct_name}.{path.rstrip('.')}"
         gotype = "" if top_type else f" of type {struct_name}"
-        raise BadJSON(f"json: cannot unmarshal {_kind(value)} into {where}{gotype}")
+        raise BadJSON(f"json: cannot unmarshal {json_kind(value)} into {where}{gotype}")
     by_lower = {f.name.lower(): f for f in fields}
     exact = {f.name: f for f in by_lower.values()}
     for key, raw in value.items():

@@ -1,0 +1,200 @@
+"""Triggers inside a rank: count torch.distributed calls and fire the plan's faults.
+
+Two layers see the calls, so user code needs no change:
+
+- the Python functions of ``torch.distributed`` (``all_reduce``, ``isend``, ...) are
+  wrapped; a call made from inside another wrapped call (``all_gather_object`` calling
+  ``all_gather``) is not counted again;
+- the default group's backend is a Python ``ProcessGroup`` that wraps the real gloo one,
+  because DDP's Reducer issues its gradient all_reduce and parameter broadcasts from C++
+  straight on the ProcessGroup. Only calls that did not come through the first layer
+  are counted there. ``dist.get_backend()`` still says "gloo".
+
+``init`` fires inside ``init_process_group``; ``step#N`` through ``pytest_ddpfault.step()``;
+``t=S`` from a timer thread, S seconds after the rank started. A fault fires at most
+once, before the call it is due on runs. Used by ``rank.py`` and by the ``DDPFAULT_PLAN``
+import hook; it imports nothing from the pytest side.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+import time
+
+import pytest_ddpfault
+from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
+
+_WRAPPED_BACKEND = "ddpfault_gloo"
+# ProcessGroup method -> the torch.distributed op name a user knows it by.
+_PG_OPS = {
+    "allreduce": "all_reduce", "allreduce_coalesced": "all_reduce_coalesced",
+    "allgather": "all_gather", "_allgather_base": "all_gather_into_tensor",
+    "allgather_coalesced": "all_gather_coalesced",
+    "allgather_into_tensor_coalesced": "all_gather_into_tensor",
+    "broadcast": "broadcast", "barrier": "barrier", "monitored_barrier": "monitored_barrier",
+    "reduce": "reduce", "gather": "gather", "scatter": "scatter",
+    "reduce_scatter": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter_tensor",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter_tensor",
+    "alltoall": "all_to_all", "alltoall_base": "all_to_all_single",
+    "send": "send", "recv": "recv", "recv_anysource": "recv",
+}
+_local = threading.local()
+
+
+class FaultFirer:
+    """Counts this rank's calls and fires the faults that come due."""
+
+    def __init__(self, plan, rank: int, world_size: int, events, started: float) -> None:
+        self.rank = rank
+        self.counter = TriggerCounter(plan, rank=rank, world_size=world_size)
+        self.events = events
+        self.started = started
+        self.main_thread = threading.main_thread().ident
+
+    def on_call(self, name: str) -> None:
+        for fault in self.counter.record(name):
+            self.fire(fault, f"{name}#{self.counter.count(name)}" if name != "init" else "init")
+
+    def on_time(self) -> None:
+        for fault in self.counter.due_at(time.monotonic() - self.started):
+            self.fire(fault, str(fault.resolved_at()), from_timer=True)
+
+    def fire(self, fault: Fault, trigger: str, from_timer: bool = False) -> None:
+        kind = fault.definition
+        self.events.send({
+            "type": "fault", "kind": fault.kind, "rank": self.rank, "trigger": trigger,
+            "spec": str(fault), "time": time.monotonic(),
+            "freezes": kind.name == "hang_rank", "resume_after": fault.get("resume_after")
+            if "resume_after" in kind.keys else None,
+        })
+        if from_timer and threading.get_ident() != self.main_thread:
+            try:
+                kind.fire_in_rank(fault)
+            except BaseException as exc:  # an exception is meant for the rank's main thread
+                _raise_in_main(self.main_thread, exc)
+            return
+        kind.fire_in_rank(fault)
+
+
+def _raise_in_main(thread_id: int, exc: BaseException) -> None:
+    """Raise ``exc`` in the main thread at its next bytecode (a t= crash_rank).
+
+    The C API takes a class, not an instance: a subclass that builds itself with
+    ``exc``'s arguments and carries the original's names, so it prints, matches
+    and pickles as the original type.
+    """
+    base = type(exc)
+    timed = type(base.__name__, (base,), {
+        "__init__": lambda self: base.__init__(self, *exc.args),
+        "__module__": base.__module__, "__qualname__": base.__qualname__,
+    })
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(timed))
+
+
+def _wrap_function(module, name: str, firer: FaultFirer) -> None:
+    original = getattr(module, name, None)
+    if original is None or getattr(original, "__ddpfault_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        if getattr(_local, "depth", 0):
+            return original(*args, **kwargs)
+        _local.depth = 1
+        try:
+            firer.on_call(name)
+            return original(*args, **kwargs)
+        finally:
+            _local.depth = 0
+
+    wrapper.__ddpfault_wrapped__ = True
+    setattr(module, name, wrapper)
+
+
+def _make_process_group_class(firer: FaultFirer):
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    class FaultInjectingGloo(dist.ProcessGroup):
+        """gloo, with every op reported to the firer first (DDP's C++ calls included)."""
+
+        def __init__(self, store, rank, size, timeout):
+            super().__init__(rank, size)
+            self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
+
+        def getBackendName(self):
+            return _WRAPPED_BACKEND
+
+    def forward(method: str, op: str):
+        def call(self, *args, **kwargs):
+            if not getattr(_local, "depth", 0):
+                firer.on_call(op)
+            return getattr(self.inner, method)(*args, **kwargs)
+        call.__name__ = method
+        return call
+
+    for method, op in _PG_OPS.items():
+        if hasattr(ProcessGroupGloo, method):
+            setattr(FaultInjectingGloo, method, forward(method, op))
+    return FaultInjectingGloo
+
+
+def _install_backend(firer: FaultFirer) -> None:
+    """Route ``init_process_group("gloo")`` to the wrapping backend; fire ``init`` in it."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    pg_class = _make_process_group_class(firer)
+    dist.Backend.register_backend(_WRAPPED_BACKEND, lambda store, rank, size, timeout:
+                                  pg_class(store, rank, size, timeout), devices=["cpu"])
+    original = c10d.init_process_group
+
+    @functools.wraps(original)
+    def init_process_group(backend=None, *args, **kwargs):
+        firer.on_call("init")
+        if backend not in (None, "gloo", "cpu:gloo", dist.Backend.GLOO):
+            return original(backend, *args, **kwargs)
+        result = original(_WRAPPED_BACKEND, *args, **kwargs)
+        pg = c10d._get_default_group()
+        entry = c10d._world.pg_map.get(pg)
+        if entry is not None:  # what users observe stays gloo
+            c10d._world.pg_map[pg] = ("gloo", *entry[1:])
+        return result
+
+    init_process_group.__ddpfault_wrapped__ = True
+    c10d.init_process_group = init_process_group
+    dist.init_process_group = init_process_group
+
+
+def _start_timer(firer: FaultFirer) -> None:
+    def loop():
+        while True:
+            nxt = firer.counter.next_time()
+            if nxt is None:
+                return
+            wait = firer.started + nxt - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # a timer thread: sleeping until its own time is its whole job
+            firer.on_time()
+
+    threading.Thread(target=loop, name="ddpfault-timer", daemon=True).start()
+
+
+def install_plan(plan, rank: int, world_size: int, events, started: float | None = None) -> FaultFirer:
+    """Install the plan's in-rank faults for ``rank`` in this process."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    firer = FaultFirer(plan, rank, world_size, events, time.monotonic() if started is None else started)
+    if not firer.counter.faults:
+        return firer
+    _install_backend(firer)
+    for name in sorted(KNOWN_OPS):
+        for module in (dist, c10d):
+            _wrap_function(module, name, firer)
+    pytest_ddpfault._step_hook = functools.partial(firer.on_call, "step")
+    if firer.counter.next_time() is not None:
+        _start_timer(firer)
+    return firer
