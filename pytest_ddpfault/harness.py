@@ -92,9 +92,10 @@ class GroupRun:
         self.inbox: EventInbox | None = None
         self.launcher = None
         self.store: _Proc | None = None
+        self.store_proxy = None           # network.StoreProxy when the store is proxied
         self.ranks: list[_Proc] = []
         self.by_pid: dict[int, _Proc] = {}
-        self.events: list[FaultEvent] = []
+        self._fired: list[tuple] = []     # (kind, rank, trigger, monotonic time, spec, detail)
         self.start = 0.0
         self.deadline = Deadline(float("inf"))
         self.master_port: int | None = None
@@ -117,6 +118,10 @@ class GroupRun:
                 action.before_ranks(setup)
             if self.master_port is None:
                 self._start_store(setup)
+                if self.config.proxy or any(f.definition.needs_proxy for f in self.plan):
+                    self._start_proxy()
+            for action in self.actions:
+                action.before_launch()
             self._start_ranks(setup)
             for action in self.actions:
                 action.after_ranks()
@@ -127,12 +132,14 @@ class GroupRun:
 
     # -- timers (harness-side faults) --------------------------------------------
     def at(self, seconds_from_start: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (self.start + seconds_from_start, next(self._seq), callback))
+        """Call ``callback`` at that time on the run's clock (which starts with the ranks)."""
+        heapq.heappush(self._timers, (seconds_from_start, next(self._seq), callback))
 
     def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "",
                when: float | None = None) -> None:
+        """Record a fired fault; one fired before the ranks exist counts as t=0."""
         when = time.monotonic() if when is None else when
-        self.events.append(FaultEvent(kind, rank, trigger, round(when - self.start, 4), spec, detail))
+        self._fired.append((kind, rank, trigger, when, spec, detail))
 
     def kill_store(self) -> None:
         if self.store is not None and self.store.exit is None:
@@ -164,6 +171,15 @@ class GroupRun:
             if self.store.exit is not None:
                 raise HarnessError(f"the store host died at start-up{self._output_of(self.store)}")
         self.master_port = self._store_port
+
+    def _start_proxy(self) -> None:
+        from pytest_ddpfault.network import StoreProxy, resolve_api
+
+        api = resolve_api(self.config.toxiproxy)
+        self.store_proxy = StoreProxy(api, self.master_port)
+        self.master_port = self.store_proxy.port
+        if self.on_proxy is not None:
+            self.on_proxy(api.client_proxy(self.store_proxy.info))
 
     def _base_env(self) -> dict:
         env = dict(os.environ)
@@ -243,7 +259,7 @@ class GroupRun:
                 self.ranks[rank].frozen = True
                 resume = ev.get("resume_after")
                 if resume:
-                    self.at(ev["time"] - self.start + resume, lambda r=rank: self._resume(r))
+                    self.at(max(0.0, ev["time"] - self.start) + resume, lambda r=rank: self._resume(r))
 
     def _resume(self, rank: int) -> None:
         proc = self.ranks[rank]
@@ -265,13 +281,14 @@ class GroupRun:
                 self._end(live, "frozen by hang_rank; ended once every other rank had finished")
                 return
             now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
+            while self._timers and self.start + self._timers[0][0] <= now:
                 _, _, callback = heapq.heappop(self._timers)
                 callback()
             if self.deadline.expired():
                 self._end(live, f"still running at the harness deadline ({self.config.timeout:g} s)")
                 return
-            until = Deadline(min(self.deadline.at, self._timers[0][0])) if self._timers else self.deadline
+            next_timer = self.start + self._timers[0][0] if self._timers else float("inf")
+            until = Deadline(min(self.deadline.at, next_timer))
             self._pump(until)
 
     def _end(self, procs: list[_Proc], why: str) -> None:
@@ -293,9 +310,10 @@ class GroupRun:
     # -- results ----------------------------------------------------------------
     def _collect(self) -> GroupResult:
         results = [self._rank_result(p) for p in self.ranks]
-        faulted = frozenset(
-            f.resolved_rank(self.config.world_size) for f in self.plan if _faults.KINDS[f.kind].targets_rank)
-        return GroupResult(results, sorted(self.events, key=lambda e: e.time), faulted,
+        faulted = _faults.faulted_ranks(self.plan, self.config.world_size)
+        events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail)
+                         for kind, rank, trigger, when, spec, detail in self._fired), key=lambda e: e.time)
+        return GroupResult(results, events, faulted,
                            round(time.monotonic() - self.start, 4), _faults.format_plan(self.plan))
 
     def _rank_result(self, p: _Proc) -> RankResult:
@@ -353,6 +371,8 @@ class GroupRun:
                 self.launcher.end_run()
         for action in self.actions:
             action.cleanup()
+        if self.store_proxy is not None:
+            self.store_proxy.close()
         if self.inbox is not None:
             self.inbox.close()
         if self.dir:

@@ -1,9 +1,10 @@
 """The harness-side part of faults: what the pytest process does, not the rank.
 
-One small class per kind, registered by name. Each gets three moments: before the
-ranks start (``before_ranks``), once they exist (``after_ranks``, where it schedules
+One small class per kind, registered by name. Each gets four moments: before the
+store starts (``before_ranks``), once the store (and its proxy) is up but before the
+ranks start (``before_launch``), once they exist (``after_ranks``, where it schedules
 its timers on the run's clock) and ``cleanup`` (always called, also on failure).
-Network kinds live in ``toxiproxy/faults.py`` and register themselves here too.
+Network kinds live in ``network.py`` and register themselves here too.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class HarnessAction:
         self.fault, self.run = fault, run
 
     def before_ranks(self, setup) -> None:
+        pass
+
+    def before_launch(self) -> None:
         pass
 
     def after_ranks(self) -> None:
@@ -86,3 +90,6 @@ class StoreDown(HarnessAction):
     def _down(self) -> None:
         self.run.kill_store()
         self.fire(detail="store host killed")
+
+
+from pytest_ddpfault import network  # noqa: E402,F401  (registers the network kinds)

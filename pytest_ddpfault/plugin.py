@@ -128,10 +128,27 @@ def ddp(request: pytest.FixtureRequest):
 
 
 def _toxiproxy_factory(request: pytest.FixtureRequest):
-    """Network faults need a Toxiproxy client; get the session's lazily, only then."""
+    """Network faults need a Toxiproxy server; start the session's lazily, only then."""
     def get():
-        return request.getfixturevalue("toxiproxy")
+        return request.getfixturevalue("ddpfault_toxiproxy_server")
     return get
+
+
+@pytest.fixture(scope="session")
+def ddpfault_toxiproxy_server(request: pytest.FixtureRequest):
+    """The session's Toxiproxy: --toxiproxy-url / $TOXIPROXY_URL, else toxiproxy-server on
+    PATH (loopback, port 0), else the embedded server."""
+    from pytest_ddpfault.network import start_server
+
+    server = start_server(request.config.stash[_settings_key].toxiproxy_url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def toxiproxy(ddpfault_toxiproxy_server):
+    """A toxiproxy-python ``Toxiproxy`` client for the session's server."""
+    return ddpfault_toxiproxy_server.api.client()
 
 
 @pytest.hookimpl(hookwrapper=True)

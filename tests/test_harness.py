@@ -53,6 +53,12 @@ def already_initialized(scale):
     return dist.is_initialized(), dist.get_backend(), dist.get_rank(), dist.get_world_size(), t.item()
 
 
+def group_initialized():
+    import torch.distributed as dist
+
+    return dist.is_initialized()
+
+
 def combine(prefix, *args, sep="-", **kwargs):
     rank = os.environ["RANK"]
     return sep.join([prefix, rank, *map(str, args), *(f"{k}={v}" for k, v in sorted(kwargs.items()))])
@@ -147,7 +153,7 @@ def test_init_true_sets_the_group_up_around_fn(ddp):
 
 @pytest.mark.ddp(world_size=2)
 def test_without_init_the_group_is_not_set_up(ddp):
-    res = ddp.run(lambda: __import__("torch.distributed").distributed.is_initialized())
+    res = ddp.run(group_initialized)
     res.assert_all_ok()
     assert res.values == [False, False]
 

@@ -151,6 +151,8 @@ class ApiServer:
                     return
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             return
+        except Exception:  # a bug costs this connection, never the server
+            log.exception("toxiproxy API: connection failed")
         finally:
             self._clients.discard(writer)
             writer.close()
@@ -377,7 +379,7 @@ async def _read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     too_large = _BadHTTP(413, "Request Entity Too Large", Response.error(
         bad_request_body("http: request body too large"), close=True))
     if not chunked:
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):
             raise _BadHTTP(400, "Bad Request")
         length = int(length_text)
         if length > MAX_BODY:

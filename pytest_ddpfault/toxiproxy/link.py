@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 from typing import Any, Callable, Iterable
 
 from .toxics import NOOP, Cleanup, Stateful, ToxicSpec
 
 __all__ = ["Chunk", "Pipe", "Stage", "Link", "HIGH_WATER", "LOW_WATER"]
+
+log = logging.getLogger("pytest_ddpfault.toxiproxy")
 
 #: bytes queued in one pipe before its producer waits (and the source stops reading)
 HIGH_WATER = 1 << 20
@@ -234,16 +237,25 @@ class Stage:
                 if not self.closed:  # a pipe returns only once its stream has ended
                     await self.close()
             except Interrupted:
-                self._interrupted = False
-                if self.held is not None:
-                    chunk, self.held = self.held, None
-                    self._emit(chunk)
-                if self.removing:
-                    if self.active and not self.closed and isinstance(self.spec.toxic, Cleanup):
-                        await self.spec.toxic.cleanup(self)
-                    self.link.unlink(self)
+                if await self._interrupted_for_removal():
                     return
                 # an update: run again with the new attributes (and a new toxicity roll)
+            except Exception:
+                log.exception("toxic %r failed; closing its stream", self.spec.name)
+                await self.close()
+
+    async def _interrupted_for_removal(self) -> bool:
+        """Forward what was held; if the toxic is being removed, leave the chain (True)."""
+        self._interrupted = False
+        if self.held is not None:
+            chunk, self.held = self.held, None
+            self._emit(chunk)
+        if not self.removing:
+            return False
+        if self.active and not self.closed and isinstance(self.spec.toxic, Cleanup):
+            await self.spec.toxic.cleanup(self)
+        self.link.unlink(self)
+        return True
 
 
 class Link:

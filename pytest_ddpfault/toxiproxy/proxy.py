@@ -228,10 +228,11 @@ class Connection:
         try:
             host, port = split_host_port(proxy.upstream)
             _, upstream = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(lambda: Side(self), host or None, port),
+                asyncio.get_running_loop().create_connection(
+                    lambda: Side(self), host or "127.0.0.1", port),
                 DIAL_TIMEOUT,
             )
-        except (OSError, ApiError, asyncio.TimeoutError) as exc:
+        except (OSError, ValueError, ApiError, asyncio.TimeoutError) as exc:
             log.info("proxy %s: unable to open connection to upstream %s: %s",
                      proxy.name, proxy.upstream, exc)
             self.client.close()

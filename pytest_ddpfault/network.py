@@ -1,0 +1,303 @@
+"""Toxiproxy for the harness: which server, a safe API client, the store proxy, network faults.
+
+Server selection: a URL (``--toxiproxy-url`` / ``TOXIPROXY_URL``); else ``toxiproxy-server``
+on PATH, started on loopback port 0; else the embedded server (``toxiproxy/``).
+
+The plugin talks to the server through ``ToxiproxyAPI`` (stdlib HTTP, a timeout on
+every call, and a non-2xx answer raised as a ``ToxiproxyError`` that says what was
+asked and what the server said), shielding users from toxiproxy-python's defects (no
+timeouts; a 500 surfacing as ``KeyError('name')``). What users get as
+``ddp.store_proxy`` is still a genuine toxiproxy-python ``Proxy``.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault.faults import KINDS
+from pytest_ddpfault.harness_faults import HarnessAction, register
+
+API_TIMEOUT = 10.0
+SERVER_START_TIMEOUT = 20.0
+
+
+class ToxiproxyError(RuntimeError):
+    pass
+
+
+class ToxiproxyAPI:
+    """The Toxiproxy HTTP API, with a timeout on every call."""
+
+    def __init__(self, url: str, timeout: float = API_TIMEOUT) -> None:
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if not parsed.hostname or not parsed.port:
+            raise ToxiproxyError(f"toxiproxy url {url!r}: expected http://HOST:PORT")
+        self.url = f"http://{parsed.hostname}:{parsed.port}"
+        self.host, self.port = parsed.hostname, parsed.port
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace").strip()
+            raise ToxiproxyError(f"toxiproxy at {self.url}: {method} {path} -> {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ToxiproxyError(f"toxiproxy at {self.url}: {method} {path} failed: {exc}") from None
+        return json.loads(text) if text.strip() else None
+
+    def version(self) -> str:
+        answer = self.call("GET", "/version")
+        return answer.get("version", "") if isinstance(answer, dict) else str(answer)
+
+    def create_proxy(self, name: str, upstream: str, listen: str = "127.0.0.1:0") -> dict:
+        return self.call("POST", "/proxies", {"name": name, "upstream": upstream, "listen": listen})
+
+    def set_enabled(self, name: str, enabled: bool) -> dict:
+        return self.call("POST", f"/proxies/{name}", {"enabled": enabled})
+
+    def delete_proxy(self, name: str) -> None:
+        self.call("DELETE", f"/proxies/{name}")
+
+    def add_toxic(self, proxy: str, body: dict) -> dict:
+        return self.call("POST", f"/proxies/{proxy}/toxics", body)
+
+    def remove_toxic(self, proxy: str, name: str) -> None:
+        self.call("DELETE", f"/proxies/{proxy}/toxics/{name}")
+
+    def client(self):
+        """A toxiproxy-python ``Toxiproxy`` pointed at this server (its state is global)."""
+        from toxiproxy import Toxiproxy
+
+        client = Toxiproxy()
+        client.update_api_consumer(self.host, self.port)
+        return client
+
+    def client_proxy(self, info: dict):
+        """toxiproxy-python's ``Proxy`` for ``info``; None when the client is not installed."""
+        try:
+            from toxiproxy.api import APIConsumer
+            from toxiproxy.proxy import Proxy
+        except ImportError:
+            return None
+        APIConsumer.host, APIConsumer.port = self.host, self.port
+        return Proxy(**{**info, "api_consumer": APIConsumer})
+
+
+# -- servers ---------------------------------------------------------------------
+
+class ToxiproxyServer:
+    """A running server the plugin may use; ``stop()`` ends it if the plugin started it."""
+
+    def __init__(self, api: ToxiproxyAPI, kind: str, stop=None) -> None:
+        self.api, self.kind, self._stop = api, kind, stop
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+    def __repr__(self) -> str:
+        return f"<ToxiproxyServer {self.kind} at {self.url}>"
+
+
+def _listening_port_of(pid: int) -> int | None:
+    """The TCP port a process listens on, from /proc (for a server told to use port 0)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:
+                return int(cols[1].rsplit(":", 1)[1], 16)
+    return None
+
+
+def _start_binary(path: str) -> ToxiproxyServer:
+    proc = subprocess.Popen([path, "-host", "127.0.0.1", "-port", "0"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = Deadline.after(SERVER_START_TIMEOUT)
+    port = None
+    while port is None and not deadline.expired() and proc.poll() is None:
+        port = _listening_port_of(proc.pid)
+        if port is None:
+            try:
+                proc.wait(0.05)  # a poll with a deadline: the server reports nothing else
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    if port is None:
+        stop()
+        raise ToxiproxyError(f"{path} did not start listening within {SERVER_START_TIMEOUT:g} s")
+    return ToxiproxyServer(ToxiproxyAPI(f"http://127.0.0.1:{port}"), f"toxiproxy-server ({path})", stop)
+
+
+def start_server(url: str | None = None) -> ToxiproxyServer:
+    """The server to use: ``url``, else toxiproxy-server on PATH, else the embedded one."""
+    if url:
+        api = ToxiproxyAPI(url)
+        api.version()  # fail now, clearly, if nothing answers there
+        return ToxiproxyServer(api, "external")
+    binary = shutil.which("toxiproxy-server")
+    if binary:
+        return _start_binary(binary)
+    from pytest_ddpfault.toxiproxy import EmbeddedToxiproxy
+
+    server = EmbeddedToxiproxy("127.0.0.1", 0).start(SERVER_START_TIMEOUT)
+    return ToxiproxyServer(ToxiproxyAPI(server.url), "embedded", server.stop)
+
+
+_default_lock = threading.Lock()
+_default: ToxiproxyServer | None = None
+
+
+def default_server() -> ToxiproxyServer:
+    """A process-wide server for runs outside pytest (``TOXIPROXY_URL`` is honoured)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = start_server(os.environ.get("TOXIPROXY_URL"))
+            atexit.register(_default.stop)
+        return _default
+
+
+def resolve_api(source) -> ToxiproxyAPI:
+    """``RunConfig.toxiproxy`` -> an API: None (default server), a URL, a server, an API or a
+    callable returning one of those."""
+    if callable(source) and not isinstance(source, (ToxiproxyAPI, ToxiproxyServer)):
+        source = source()
+    if source is None:
+        return default_server().api
+    if isinstance(source, str):
+        return ToxiproxyAPI(source)
+    if isinstance(source, ToxiproxyServer):
+        return source.api
+    if isinstance(source, ToxiproxyAPI):
+        return source
+    raise TypeError(f"toxiproxy={source!r}: expected a URL, a ToxiproxyServer or a ToxiproxyAPI")
+
+
+# -- the run's store proxy --------------------------------------------------------
+
+_names = itertools.count()
+
+
+class StoreProxy:
+    """A proxy in front of the run's store: listen 127.0.0.1:0, upstream the store."""
+
+    def __init__(self, api: ToxiproxyAPI, store_port: int) -> None:
+        self.api = api
+        self.name = f"ddpfault_store_{os.getpid()}_{next(_names)}"
+        self.info = api.create_proxy(self.name, f"127.0.0.1:{store_port}")
+        self.port = int(self.info["listen"].rsplit(":", 1)[1])
+        self._toxics = itertools.count()
+
+    def toxic_name(self, kind: str) -> str:
+        return f"ddpfault_{kind}_{next(self._toxics)}"
+
+    def close(self) -> None:
+        try:
+            self.api.delete_proxy(self.name)
+        except ToxiproxyError:
+            pass  # the server may be gone already; nothing of ours is left on it then
+
+
+# -- network fault kinds ------------------------------------------------------------
+
+class _NetworkFault(HarnessAction):
+    """Applied at ``init`` (before the ranks start) or ``t=S``; removed after ``duration``."""
+
+    def before_launch(self) -> None:
+        at = self.fault.resolved_at()
+        if at is None or at.kind == "init":
+            self._apply(trigger="init")
+
+    def after_ranks(self) -> None:
+        at = self.fault.resolved_at()
+        if at is not None and at.kind == "time":
+            self.run.at(at.seconds, lambda: self._apply(trigger=str(at)))
+
+    def _apply(self, trigger: str) -> None:
+        proxy = self.run.store_proxy
+        self.apply(proxy)
+        self.fire(detail=f"proxy {proxy.name}", trigger=trigger)
+        duration = self.fault.get("duration")
+        if duration:
+            start = 0.0 if trigger == "init" else self.fault.resolved_at().seconds
+            self.run.at(start + duration, lambda: self._remove(proxy))
+
+    def _remove(self, proxy: StoreProxy) -> None:
+        self.remove(proxy)
+        self.run.record(self.fault.kind, None, f"duration={self.fault.get('duration')}", str(self.fault),
+                        "removed")
+
+    def apply(self, proxy: StoreProxy) -> None:
+        raise NotImplementedError
+
+    def remove(self, proxy: StoreProxy) -> None:
+        raise NotImplementedError
+
+
+@register("block_port")
+class BlockPort(_NetworkFault):
+    """The store proxy is disabled: its port refuses connections, open ones are closed."""
+
+    def apply(self, proxy: StoreProxy) -> None:
+        proxy.api.set_enabled(proxy.name, False)
+
+    def remove(self, proxy: StoreProxy) -> None:
+        proxy.api.set_enabled(proxy.name, True)
+
+
+class ToxicFault(_NetworkFault):
+    """A Toxiproxy toxic on the store proxy, named uniquely per run."""
+
+    toxic_name = ""
+
+    def apply(self, proxy: StoreProxy) -> None:
+        self.toxic_name = proxy.toxic_name(self.fault.kind)
+        proxy.api.add_toxic(proxy.name, self.fault.definition.toxic(self.fault, name=self.toxic_name))
+
+    def remove(self, proxy: StoreProxy) -> None:
+        proxy.api.remove_toxic(proxy.name, self.toxic_name)
+
+
+for _name, _kind in KINDS.items():
+    if _kind.is_toxic:
+        register(_name)(ToxicFault)
