@@ -7,12 +7,30 @@ name, such as a test file under ``--import-mode=importlib`` or a script's
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from types import ModuleType
 
 import cloudpickle
+
+
+def _find_spec_on_path(name: str):
+    """Where a fresh interpreter would find ``name``. Unlike ``importlib.util.find_spec``,
+    this does not answer from ``sys.modules``: a test file imported under
+    ``--import-mode=importlib`` sits there under a name that nothing on sys.path provides."""
+    parent_name = name.rpartition(".")[0]
+    path = None
+    if parent_name:
+        parent = sys.modules.get(parent_name)
+        if parent is None or not _importable_by_name(parent):
+            return None
+        path = getattr(parent, "__path__", None)
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find(name, path) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def _importable_by_name(module: ModuleType) -> bool:
@@ -23,7 +41,7 @@ def _importable_by_name(module: ModuleType) -> bool:
     if spec is None or spec.name != name:
         return False
     try:
-        found = importlib.util.find_spec(name)
+        found = _find_spec_on_path(name)
     except (ImportError, ValueError):
         return False
     if found is None:

@@ -157,7 +157,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     results = item.stash.get(_results_key, None)
     if results and report.failed and call.when == "call":
-        shown = str(report.longrepr)
+        # longrepr prefixes the exception's lines with "E   ": look at the message itself too
+        shown = str(report.longrepr) + (str(call.excinfo.value) if call.excinfo is not None else "")
         for i, res in enumerate(results):
             if res.summary() in shown:  # our own assertion already shows it
                 continue

@@ -28,10 +28,9 @@ def check_timeout(value, source: str) -> float:
 
 def parse_timeout(text, source: str) -> float:
     try:
-        value = float(text)
-    except (TypeError, ValueError):
+        return check_timeout(float(text), source)
+    except (TypeError, ValueError):  # SettingsError too: quote the text as given, not the float
         raise SettingsError(f"timeout {text!r} from {source}: must be a positive number of seconds") from None
-    return check_timeout(value, source)
 
 
 def check_world_size(value, source: str) -> int:

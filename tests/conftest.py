@@ -11,6 +11,10 @@ import tempfile
 
 import pytest
 
+# Imported here, before any test, so that pytester's in-process runs (which drop the
+# modules a test imported when it ends) keep sharing this module and so one zygote.
+import pytest_ddpfault.launcher  # noqa: F401
+
 from _helpers import children_of, poll, zygote_pids
 
 LEAK_GRACE = 2.0  # seconds for the zygote to reap what a failed test killed last

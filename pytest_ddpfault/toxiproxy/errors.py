@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = [
     "ApiError",
     "bad_request_body",
@@ -38,27 +40,23 @@ def missing_field(detail: str) -> ApiError:
     return ApiError(f"missing required field: {detail}", 400)
 
 
-# Fresh instances each time: re-raising one shared exception object would keep
-# growing its traceback.
-def proxy_not_found() -> ApiError:
-    return ApiError("proxy not found", 404)
+def _fixed(message: str, status: int) -> Callable[[], ApiError]:
+    """A factory of one of Toxiproxy's fixed errors.
+
+    Fresh instances each time: re-raising one shared exception object would keep growing
+    its traceback.
+    """
+
+    def make() -> ApiError:
+        return ApiError(message, status)
+
+    make.__name__ = message.replace(" ", "_")
+    return make
 
 
-def proxy_already_exists() -> ApiError:
-    return ApiError("proxy already exists", 409)
-
-
-def invalid_stream() -> ApiError:
-    return ApiError("stream was invalid, can be either upstream or downstream", 400)
-
-
-def invalid_toxic_type() -> ApiError:
-    return ApiError("invalid toxic type", 400)
-
-
-def toxic_already_exists() -> ApiError:
-    return ApiError("toxic already exists", 409)
-
-
-def toxic_not_found() -> ApiError:
-    return ApiError("toxic not found", 404)
+proxy_not_found = _fixed("proxy not found", 404)
+proxy_already_exists = _fixed("proxy already exists", 409)
+invalid_stream = _fixed("stream was invalid, can be either upstream or downstream", 400)
+invalid_toxic_type = _fixed("invalid toxic type", 400)
+toxic_already_exists = _fixed("toxic already exists", 409)
+toxic_not_found = _fixed("toxic not found", 404)

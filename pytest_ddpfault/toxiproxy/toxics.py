@@ -63,7 +63,12 @@ class Cleanup(Protocol):
 
 
 class Toxic:
-    """Base of all toxics: declared attributes (all integers, default 0) and their decoding."""
+    """Base of all toxics: declared attributes (all integers, default 0) and their decoding.
+
+    ``pipe`` is the one method a toxic must have. The default one runs the usual loop and
+    calls :meth:`on_data` for each chunk and :meth:`on_end` at the end of the stream (both
+    forward by default), until the stream ends or the toxic closes it.
+    """
 
     type_name: ClassVar[str]
     go_struct: ClassVar[str]  # Go struct name, for error messages
@@ -84,7 +89,18 @@ class Toxic:
         return cls(**values)
 
     async def pipe(self, stage: Any) -> None:
-        raise NotImplementedError
+        while not stage.closed:
+            chunk = await stage.recv()
+            if chunk.end:
+                await self.on_end(stage)
+            else:
+                await self.on_data(stage, chunk)
+
+    async def on_data(self, stage: Any, chunk: Any) -> None:
+        await stage.forward()
+
+    async def on_end(self, stage: Any) -> None:
+        await stage.forward()
 
     def __repr__(self) -> str:
         attrs = ", ".join(f"{k}={v}" for k, v in self.attributes().items())
@@ -97,13 +113,6 @@ class Noop(Toxic):
 
     type_name = "noop"
     go_struct = "NoopToxic"
-
-    async def pipe(self, stage: Any) -> None:
-        while True:
-            chunk = await stage.recv()
-            await stage.forward()
-            if chunk.end:
-                return
 
 
 NOOP = Noop()
@@ -125,43 +134,46 @@ class Latency(Toxic):
         jitter = random.randrange(2 * self.jitter) - self.jitter if self.jitter > 0 else 0
         return (self.latency + jitter) / 1000.0
 
-    async def pipe(self, stage: Any) -> None:
-        while True:
-            chunk = await stage.recv()
-            if chunk.end:
-                return await stage.forward()
-            when = chunk.ts + self.delay()
-            await stage.sleep_until(when)
-            stage.retime(max(when, chunk.ts))
-            await stage.forward()
+    async def on_data(self, stage: Any, chunk: Any) -> None:
+        when = chunk.ts + self.delay()
+        await stage.sleep_until(when)
+        stage.retime(max(when, chunk.ts))
+        await stage.forward()
+
+
+class _Pacing:
+    __slots__ = ("ready",)
+
+    def __init__(self) -> None:
+        self.ready = 0.0  # loop time when the bytes sent so far are "paid for"
 
 
 @register
 class Bandwidth(Toxic):
-    """Limits the stream to ``rate`` KB/s (1 KB = 1000 bytes); ``rate: 0`` stalls it."""
+    """Limits the stream to ``rate`` KB/s (1 KB = 1000 bytes); ``rate: 0`` stalls it.
+
+    Data goes out in slices of at most 100 ms worth, each when the rate allows.
+    """
 
     type_name = "bandwidth"
     go_struct = "BandwidthToxic"
     fields = (Field("rate", "int64"),)
 
-    async def pipe(self, stage: Any) -> None:
-        bytes_per_s = self.rate * 1000
-        slice_size = self.rate * 100  # what 100 ms may carry
-        ready = stage.now()
-        while True:
-            chunk = await stage.recv()
-            if chunk.end:
-                return await stage.forward()
-            if self.rate <= 0:
-                await stage.stall()
-            ready = max(ready, stage.now())
-            remaining = len(chunk.data)
-            while remaining:
-                piece = min(remaining, slice_size)
-                ready += piece / bytes_per_s
-                await stage.sleep_until(ready)
-                await stage.forward(piece)
-                remaining -= piece
+    def new_state(self) -> _Pacing:
+        return _Pacing()
+
+    async def on_data(self, stage: Any, chunk: Any) -> None:
+        if self.rate <= 0:
+            await stage.stall()
+        pacing: _Pacing = stage.state
+        pacing.ready = max(pacing.ready, stage.now())
+        remaining = len(chunk.data)
+        while remaining:
+            piece = min(remaining, self.rate * 100)
+            pacing.ready += piece / (self.rate * 1000)
+            await stage.sleep_until(pacing.ready)
+            await stage.forward(piece)
+            remaining -= piece
 
 
 @register
@@ -172,13 +184,9 @@ class SlowClose(Toxic):
     go_struct = "SlowCloseToxic"
     fields = (Field("delay", "int64"),)
 
-    async def pipe(self, stage: Any) -> None:
-        while True:
-            chunk = await stage.recv()
-            if chunk.end:
-                await stage.sleep(self.delay / 1000.0)
-                return await stage.forward()
-            await stage.forward()
+    async def on_end(self, stage: Any) -> None:
+        await stage.sleep(self.delay / 1000.0)
+        await stage.forward()
 
 
 @register
@@ -194,13 +202,14 @@ class Timeout(Toxic):
 
     async def pipe(self, stage: Any) -> None:
         deadline = stage.now() + self.timeout / 1000.0 if self.timeout > 0 else None
-        while True:
+        while not stage.closed:
             chunk = await stage.recv(deadline=deadline)
             if chunk is None:  # the timeout passed
-                return await stage.close()
-            if chunk.end:
-                return await stage.forward()
-            stage.drop()
+                await stage.close()
+            elif chunk.end:
+                await stage.forward()
+            else:
+                stage.drop()
 
     async def cleanup(self, stage: Any) -> None:
         await stage.close()
@@ -244,14 +253,10 @@ class Slicer(Toxic):
             todo.append(left)
         return sizes
 
-    async def pipe(self, stage: Any) -> None:
-        while True:
-            chunk = await stage.recv()
-            if chunk.end:
-                return await stage.forward()
-            for piece in self.cuts(len(chunk.data)):
-                await stage.forward(piece)
-                await stage.sleep(self.delay / 1e6)
+    async def on_data(self, stage: Any, chunk: Any) -> None:
+        for piece in self.cuts(len(chunk.data)):
+            await stage.forward(piece)
+            await stage.sleep(self.delay / 1e6)
 
 
 class _Sent:
@@ -272,18 +277,14 @@ class LimitData(Toxic):
     def new_state(self) -> _Sent:
         return _Sent()
 
-    async def pipe(self, stage: Any) -> None:
+    async def on_data(self, stage: Any, chunk: Any) -> None:
         sent: _Sent = stage.state
-        while True:
-            chunk = await stage.recv()
-            if chunk.end:
-                return await stage.forward()
-            allowed = min(len(chunk.data), max(self.bytes - sent.count, 0))
-            if allowed:
-                sent.count += allowed
-                await stage.forward(allowed)
-            if self.bytes - sent.count <= 0:
-                return await stage.close()
+        allowed = min(len(chunk.data), max(self.bytes - sent.count, 0))
+        if allowed:
+            sent.count += allowed
+            await stage.forward(allowed)
+        if self.bytes - sent.count <= 0:
+            await stage.close()
 
 
 # --- the toxic as the API sees it -------------------------------------------------------

@@ -1,0 +1,161 @@
+"""One runnable example per fault kind, asserting what real gloo does under it.
+
+Process-group timeouts are short (2 s) so that every example finishes in seconds.
+"""
+import datetime
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pytest_ddpfault
+
+PG_TIMEOUT = datetime.timedelta(seconds=2)
+
+
+def allreduce_once():
+    dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    t = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return t.item()
+
+
+def train(steps=5):
+    """A tiny DDP loop; DDP's gradient all_reduce is issued from C++."""
+    dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        pytest_ddpfault.step()
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    dist.destroy_process_group()
+    return "done"
+
+
+# -- in-rank kinds ----------------------------------------------------------------
+
+@pytest.mark.ddp(world_size=3, fault="kill_rank(rank=1, at=step#3)")
+def test_kill_rank_in_ddp_training(ddp):
+    res = ddp.run(train)
+    assert res[1].killed_by(signal.SIGKILL)
+    # a killed peer: survivors raise at once ("Connection closed/reset by peer")
+    res.assert_survivors_raised(RuntimeError, match="peer|Read error", within=5)
+
+
+@pytest.mark.ddp(world_size=2, fault="crash_rank(rank=1, exc=ValueError, message='bad batch')")
+def test_crash_rank(ddp):
+    res = ddp.run(allreduce_once)
+    assert res[1].raised(ValueError, match="bad batch")
+    assert res[0].status == "raised"   # its peer is gone: the collective fails
+
+
+@pytest.mark.ddp(world_size=3, fault="hang_rank(rank=2)", timeout=20)
+def test_hang_rank(ddp):
+    res = ddp.run(allreduce_once)
+    # a frozen peer: survivors time out at the process-group timeout (2 s); one that
+    # is still waiting when another gives up may see that one's connection close instead
+    res.assert_survivors_raised(RuntimeError, within=10)
+    assert any(r.raised(match="Timed out") for r in res.survivors)
+    assert res.hung == [res[2]]        # reaped as soon as the others finished
+
+
+@pytest.mark.ddp(world_size=2, fault="delay(rank=1, seconds=0.5)")
+def test_short_delay_completes(ddp):
+    res = ddp.run(allreduce_once)
+    res.assert_all_ok()                # a straggler shorter than the timeout is fine
+
+
+@pytest.mark.ddp(world_size=2, fault="delay(rank=1, seconds=4)", timeout=20)
+def test_long_delay_times_out(ddp):
+    res = ddp.run(allreduce_once)
+    assert res[0].raised(RuntimeError, match="Timed out")
+
+
+# -- harness-side kinds -------------------------------------------------------------
+
+@pytest.mark.ddp(world_size=3, fault="port_collision", timeout=4)
+def test_port_collision_listen(ddp):
+    res = ddp.run(allreduce_once)
+    assert res[0].raised(match="EADDRINUSE")       # rank 0 cannot host the store
+    assert {r.rank for r in res.hung} == {1, 2}    # the others block in init, past their timeout
+    assert "init_process_group" in res[1].stack
+
+
+def store_rendezvous_with_retry(max_tries=30):
+    """The right retry: retry the store rendezvous, then init_process_group(store=...)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    for attempt in range(max_tries):
+        try:
+            store = dist.TCPStore(host, port, world, is_master=(rank == 0),
+                                  timeout=datetime.timedelta(seconds=1), wait_for_workers=False)
+            break
+        except (RuntimeError, dist.DistError):
+            time.sleep(0.2)            # back off before the next attempt
+    else:
+        raise RuntimeError(f"no store after {max_tries} attempts")
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=PG_TIMEOUT)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return attempt
+
+
+@pytest.mark.ddp(world_size=3, fault="port_collision(hold_for=1)", timeout=20)
+def test_port_collision_recovers_with_store_retry(ddp):
+    res = ddp.run(store_rendezvous_with_retry)
+    res.assert_all_ok()
+    assert res[0].value >= 1           # rank 0 needed more than one try
+
+
+def store_user():
+    dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        store.set(f"heartbeat/{dist.get_rank()}", str(time.time()))
+        time.sleep(0.05)
+    return "store never failed"
+
+
+@pytest.mark.ddp(world_size=2, fault="store_down(at=t=0.5)", timeout=20)
+def test_store_down(ddp):
+    res = ddp.run(store_user)
+    res.assert_survivors_raised(dist.DistNetworkError, within=3)
+
+
+# -- network kinds (through Toxiproxy) ------------------------------------------------
+
+@pytest.mark.ddp(world_size=2, fault="block_port", timeout=20)
+def test_block_port(ddp):
+    res = ddp.run(allreduce_once)
+    res.assert_survivors_raised(dist.DistNetworkError)
+
+
+def timed_init():
+    start = time.monotonic()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=10))
+    took = time.monotonic() - start
+    dist.destroy_process_group()
+    return took
+
+
+@pytest.mark.ddp(world_size=2, fault="block_port(duration=1)", timeout=20)
+def test_block_port_recovers(ddp):
+    res = ddp.run(timed_init)
+    res.assert_all_ok()                # the store client's own reconnects get through
+    assert min(res.values) >= 0.9
+
+
+@pytest.mark.ddp(world_size=2, fault="latency(latency=400)", timeout=30)
+def test_latency_slows_init(ddp):
+    res = ddp.run(timed_init)
+    res.assert_all_ok()
+    assert min(res.values) >= 0.4
