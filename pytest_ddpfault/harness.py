@@ -32,11 +32,12 @@ from pytest_ddpfault._events import EventInbox
 from pytest_ddpfault._pickling import dumps_call
 from pytest_ddpfault.child import ChildJob
 from pytest_ddpfault.harness_faults import action_for
-from pytest_ddpfault.launcher import get_launcher
+from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
 
 SETUP_BUDGET = 60.0        # store start-up, before the run's own clock starts
-STACK_DUMP_BUDGET = 2.0    # for every live rank to write its stacks at the deadline
+STACK_DUMP_BUDGET = 3.0    # for every live rank to write its stacks at the deadline
+STACK_DUMP_SETTLE = 0.3    # a dump is complete once its file stopped growing this long
 REAP_BUDGET = 10.0         # for killed processes to be reported gone
 OUTPUT_LIMIT = 1 << 20     # bytes of stdout/stderr kept per rank (the tail)
 
@@ -56,7 +57,8 @@ class RunConfig:
     start_method: str = "forkserver"
     preload: tuple = ()
     env: dict = field(default_factory=dict)
-    toxiproxy: object = None   # a client factory for network faults (see toxiproxy/)
+    toxiproxy: object = None   # where network faults find Toxiproxy (see network.resolve_api)
+    slots: object = None       # slots.ProcessSlots capping rank processes across workers
 
     def __post_init__(self) -> None:
         if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
@@ -108,8 +110,14 @@ class GroupRun:
 
     # -- public ---------------------------------------------------------------
     def run(self) -> GroupResult:
+        if self.config.slots is None:
+            return self._run()
+        with self.config.slots.hold(self.config.world_size + 1):  # ranks + the store host
+            return self._run()
+
+    def _run(self) -> GroupResult:
         try:
-            self.dir = tempfile.mkdtemp(prefix="ddpf-", dir=_short_tmp())
+            self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=_short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
             self.actions = [a for a in (action_for(f, self) for f in self.plan) if a is not None]
             self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload))
@@ -392,7 +400,7 @@ def _wait_for_stacks(procs: list[_Proc], until: Deadline, pump: Callable[[], Non
             if size == 0 or prev is None or prev[0] != size:
                 sizes[p.pid] = (size, time.monotonic())
                 pending += 1
-            elif time.monotonic() - prev[1] < 0.1:
+            elif time.monotonic() - prev[1] < STACK_DUMP_SETTLE:
                 pending += 1
         if not pending:
             return

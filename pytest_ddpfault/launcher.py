@@ -11,6 +11,7 @@ import itertools
 import os
 import pickle
 import select
+import shutil
 import signal as _signal
 import socket
 import subprocess
@@ -39,6 +40,35 @@ DEFAULT_PRELOAD = (
 ZYGOTE_START_TIMEOUT = 180.0  # importing torch on a loaded 2-core machine can take ~10 s
 # Keep BLAS/OpenMP pools from starting threads at import: the zygote must fork thread-free.
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+ZYGOTE_LOG_PREFIX = "ddpfault-zygote-"
+RUN_DIR_PREFIX = "ddpf-"
+
+
+def sweep_stale_files(tmp: str | None = None) -> None:
+    """Remove run dirs and zygote logs of processes that died without cleaning up
+    (a SIGKILLed pytest cannot): their names carry the owner's pid."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        for prefix in (RUN_DIR_PREFIX, ZYGOTE_LOG_PREFIX):
+            if not name.startswith(prefix):
+                continue
+            owner = name[len(prefix):].split("-", 1)[0]
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                path = os.path.join(tmp, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class LauncherError(RuntimeError):
@@ -78,7 +108,9 @@ class ZygoteLauncher:
         self._reader = _wire.FrameReader()
         self._exits: list[ChildExit] = []
         self._ready: dict | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="ddpfault-zygote-", suffix=".log", delete=False)
+        sweep_stale_files()
+        self._log = tempfile.NamedTemporaryFile(prefix=f"{ZYGOTE_LOG_PREFIX}{os.getpid()}-", suffix=".log",
+                                                delete=False)
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = subprocess.Popen(

@@ -7,6 +7,8 @@ uses ``ddp``, so its start-up (seconds) overlaps collection instead of a test's 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -25,6 +27,9 @@ MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of 
 
 _settings_key = pytest.StashKey["SessionSettings"]()
 _results_key = pytest.StashKey[list]()
+_slots_key = pytest.StashKey[object]()
+_SLOTS_INPUT = "ddpfault_slots_dir"
+_REPORTED_RUNS = 3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,9 +50,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
-        config.stash[_settings_key] = _session_settings(config)
+        settings = config.stash[_settings_key] = _session_settings(config)
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-ddpfault: {exc}") from None
+    config.stash[_slots_key] = None
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and workerinput.get(_SLOTS_INPUT):
+        # an xdist worker: share the controller's slots with every other worker
+        from pytest_ddpfault.slots import ProcessSlots, default_max_procs
+
+        config.stash[_slots_key] = ProcessSlots(workerinput[_SLOTS_INPUT],
+                                                settings.max_procs or default_max_procs())
+    elif workerinput is None and config.pluginmanager.hasplugin("xdist") and _xdist_workers(config):
+        config.pluginmanager.register(_XdistController(tempfile.mkdtemp(prefix="ddpfault-slots-")),
+                                      "ddpfault-xdist-controller")
+
+
+def _xdist_workers(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) or getattr(config.option, "tx", None)
+
+
+class _XdistController:
+    """Hands every xdist worker the directory of the session's rank slots."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput[_SLOTS_INPUT] = self.directory
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _session_settings(config: pytest.Config) -> SessionSettings:
@@ -101,7 +134,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     settings = session.config.stash[_settings_key]
-    if settings.start_method != "forkserver":
+    if settings.start_method != "forkserver" or session.config.option.collectonly:
         return
     if any("ddp" in getattr(item, "fixturenames", ()) for item in session.items):
         from pytest_ddpfault import launcher
@@ -122,7 +155,7 @@ def ddp(request: pytest.FixtureRequest):
     ms = marker_settings(marker.args, marker.kwargs, settings) if marker else marker_settings((), {}, settings)
     runner = DDP(world_size=ms.world_size, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
                  proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
-                 toxiproxy=_toxiproxy_factory(request))
+                 toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key])
     request.node.stash[_results_key] = runner.results
     return runner
 
@@ -159,7 +192,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if results and report.failed and call.when == "call":
         # longrepr prefixes the exception's lines with "E   ": look at the message itself too
         shown = str(report.longrepr) + (str(call.excinfo.value) if call.excinfo is not None else "")
-        for i, res in enumerate(results):
+        # the failed runs (a hypothesis property makes many runs): the last few
+        failed = [(i, r) for i, r in enumerate(results) if not r.ok][-_REPORTED_RUNS:] or [(len(results) - 1, results[-1])]
+        for i, res in failed:
             if res.summary() in shown:  # our own assertion already shows it
                 continue
             title = "ddp ranks" if len(results) == 1 else f"ddp ranks (run {i + 1} of {len(results)})"

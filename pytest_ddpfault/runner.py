@@ -18,7 +18,7 @@ class DDP:
 
     def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
                  backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
-                 preload: tuple = (), toxiproxy=None) -> None:
+                 preload: tuple = (), toxiproxy=None, slots=None) -> None:
         self.world_size = world_size
         self.faults: tuple = tuple(_faults.parse_plan(faults))
         _faults.validate_plan(self.faults, world_size)
@@ -27,7 +27,8 @@ class DDP:
         self.proxy = proxy
         self.start_method = start_method
         self.preload = tuple(preload)
-        self.toxiproxy = toxiproxy      # a callable returning a toxiproxy client, for network faults
+        self.toxiproxy = toxiproxy      # where network faults find Toxiproxy (see network.resolve_api)
+        self.slots = slots              # slots.ProcessSlots: a cap on rank processes across workers
         self.store_proxy = None         # the toxiproxy-python Proxy of the current/last proxied run
         self.results: list[GroupResult] = []
 
@@ -41,10 +42,27 @@ class DDP:
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
         config = RunConfig(world_size=self.world_size, faults=plan, timeout=limit, backend=self.backend,
                            init=init, proxy=self.proxy, start_method=self.start_method,
-                           preload=self.preload, toxiproxy=self.toxiproxy)
+                           preload=self.preload, toxiproxy=self.toxiproxy, slots=self.slots)
         run = GroupRun(fn, args, kwargs, config)
         run.on_proxy = self._set_proxy
         result = run.run()
+        self.results.append(result)
+        return result
+
+    def torchrun(self, script_or_module, *args, nproc: int | None = None, max_restarts: int = 0,
+                 faults=_UNSET, timeout=_UNSET, env: dict | None = None, **options):
+        """Run a script (``.py`` path) or module under ``torchrun --standalone`` with the plan
+        in its environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.torchrun``.
+
+        ``nproc`` defaults to ``world_size``, ``faults`` and ``timeout`` to the marker's.
+        Returns a ``TorchrunResult``.
+        """
+        from pytest_ddpfault.torchrun import run_torchrun
+
+        limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
+        result = run_torchrun(script_or_module, *args, nproc=self.world_size if nproc is None else nproc,
+                              max_restarts=max_restarts, faults=self.faults if faults is _UNSET else faults,
+                              timeout=limit, env=env, **options)
         self.results.append(result)
         return result
 

@@ -7,11 +7,9 @@ process is the point.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -20,6 +18,7 @@ MARKER_LINE = "@pytest.mark.ddp(world_size, fault=None, timeout=60.0, backend='g
 
 ALLREDUCE = '''
 import os
+
 import pytest
 
 

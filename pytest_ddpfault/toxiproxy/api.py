@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 
 from .errors import ApiError, bad_request_body, missing_field, proxy_already_exists, proxy_not_found
 from .gojson import BadJSON, Field, decode_first, decode_struct, dumps, json_kind
-from .proxy import Proxy
+from .proxy import Proxy, listen_socket
 
 __all__ = ["ApiServer", "VERSION"]
 
@@ -116,7 +116,12 @@ class ApiServer:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEADER_BYTES)
+        sock = listen_socket(host, port)
+        try:
+            self._server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_HEADER_BYTES)
+        except BaseException:
+            sock.close()
+            raise
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 

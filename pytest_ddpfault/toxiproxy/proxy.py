@@ -22,7 +22,8 @@ from .errors import ApiError, toxic_not_found
 from .link import Link
 from .toxics import DOWNSTREAM, UPSTREAM, ToxicSpec
 
-__all__ = ["Proxy", "Connection", "Side", "ToxicCollection", "split_host_port", "DEFAULT_LISTEN"]
+__all__ = ["Proxy", "Connection", "Side", "ToxicCollection", "split_host_port", "listen_socket",
+           "DEFAULT_LISTEN"]
 
 log = logging.getLogger("pytest_ddpfault.toxiproxy")
 
@@ -81,25 +82,53 @@ def _os_error_text(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def bind_listener(listen: str) -> socket.socket:
-    """A listening, non-blocking socket for ``listen`` (``host:port``, port 0 allowed)."""
-    host, port = split_host_port(listen)
-    try:
-        infos = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        raise ApiError(f"listen tcp: lookup {host}: no such host", 500) from None
-    family, _, _, _, sockaddr = min(infos, key=lambda info: info[0] != socket.AF_INET)
+def resolve(host: str, port: int, passive: bool = False) -> list[tuple[int, tuple]]:
+    """``(family, sockaddr)`` for ``host``, IPv4 first. Resolved here, in the loop's own
+    thread (fast for IP literals and /etc/hosts names), so that no resolver thread pool
+    outlives the server; raises ``socket.gaierror``."""
+    flags = socket.AI_PASSIVE if passive else 0
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking socket on ``host:port`` (port 0: any free port)."""
+    family, sockaddr = resolve(host, port, passive=True)[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
         sock.listen(128)
         sock.setblocking(False)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise ApiError(f"listen tcp {listen}: bind: {_os_error_text(exc)}", 500) from None
+        raise
     return sock
+
+
+def bind_listener(listen: str) -> socket.socket:
+    """:func:`listen_socket` for a proxy's ``listen``; errors worded as Toxiproxy's (500)."""
+    host, port = split_host_port(listen)
+    try:
+        return listen_socket(host or "0.0.0.0", port)
+    except socket.gaierror:
+        raise ApiError(f"listen tcp: lookup {host}: no such host", 500) from None
+    except OSError as exc:
+        raise ApiError(f"listen tcp {listen}: bind: {_os_error_text(exc)}", 500) from None
+
+
+async def dial(host: str, port: int, protocol_factory) -> asyncio.BaseProtocol:
+    """Connect to the first address of ``host`` that answers; returns the protocol."""
+    error: OSError | None = None
+    for family, sockaddr in resolve(host, port):
+        try:
+            _, protocol = await asyncio.get_running_loop().create_connection(
+                protocol_factory, sockaddr[0], sockaddr[1], family=family)
+            return protocol
+        except OSError as exc:
+            error = exc
+    raise error or OSError(f"no address for {host}")
 
 
 # --- one socket of a connection --------------------------------------------------------
@@ -227,11 +256,8 @@ class Connection:
         proxy = self.proxy
         try:
             host, port = split_host_port(proxy.upstream)
-            _, upstream = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(
-                    lambda: Side(self), host or "127.0.0.1", port),
-                DIAL_TIMEOUT,
-            )
+            upstream = await asyncio.wait_for(
+                dial(host or "127.0.0.1", port, lambda: Side(self)), DIAL_TIMEOUT)
         except (OSError, ValueError, ApiError, asyncio.TimeoutError) as exc:
             log.info("proxy %s: unable to open connection to upstream %s: %s",
                      proxy.name, proxy.upstream, exc)

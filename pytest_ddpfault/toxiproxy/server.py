@@ -129,7 +129,3 @@ async def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=_DRAIN_TIMEOUT)
     await asyncio.sleep(0)  # let aborted transports run their connection_lost callbacks
-    try:
-        await asyncio.wait_for(loop.shutdown_default_executor(), _DRAIN_TIMEOUT)
-    except asyncio.TimeoutError:
-        log.warning("embedded toxiproxy: resolver threads still busy at shutdown")

@@ -1,18 +1,20 @@
 """Toxics: one small class per kind, registered by its Toxiproxy type name.
 
-Every toxic has one required method, ``async pipe(stage)``, which moves chunks from the
-stage's input to its output until the stream ends, using only the stage's primitives
-(``recv``, ``forward``, ``drop``, ``sleep``/``sleep_until``, ``stall``, ``close``; see
-:class:`~pytest_ddpfault.toxiproxy.link.Stage`). Every one of them also wakes up on an
+The chain calls one method, ``async pipe(stage)``, which moves chunks from the stage's
+input to its output until the stream ends. The base class's ``pipe`` is the usual loop
+and calls ``on_data(stage, chunk)`` / ``on_end(stage)``, which is all most toxics
+override. They use only the stage's primitives (``recv``, ``forward``, ``drop``,
+``sleep``/``sleep_until``, ``stall``, ``close``; see
+:class:`~pytest_ddpfault.toxiproxy.link.Stage`), every wait of which also wakes up on an
 interrupt (the toxic is updated or removed); the stage then forwards whatever the toxic
-was holding, so no data is lost.
+was holding, so no data is lost. Units are in each class's docstring.
 
 Optional capabilities are tiny protocols: :class:`Stateful` (per-connection state that
 survives updates) and :class:`Cleanup` (something to do on removal).
 
 What all toxics share lives outside them: attribute decoding and defaults in
-:class:`Toxic`, the toxicity roll in the stage, and name/stream/toxicity handling in
-:class:`ToxicSpec`.
+:class:`Toxic`, name/stream/toxicity rules and the toxicity roll in :class:`ToxicSpec`
+(rolled by the stage per connection and stream).
 """
 
 from __future__ import annotations

@@ -50,9 +50,10 @@ def test_port_in_use_raises():
         assert not server.running
 
 
-def test_stop_closes_proxies_and_stuck_connections(echo_upstream, connect):
+def test_stop_closes_proxies_and_stuck_connections(echo_upstream, connect, tp):
     """Even a connection stalled by a toxic must not hold up stop()."""
     server = EmbeddedToxiproxy().start()
+    kept_alive = requests.Session()
     try:
         url = server.url
         answer = requests.post(url + "/proxies", timeout=5, json={
@@ -62,14 +63,15 @@ def test_stop_closes_proxies_and_stuck_connections(echo_upstream, connect):
                       json={"type": "bandwidth", "attributes": {"rate": 0}})
         stuck = connect(port)
         stuck.sendall(b"x" * 100_000)
-        kept_alive = requests.Session()
+        # Everything read off the client socket (else closing it would send an RST).
+        tp.wait_for(lambda: len(echo_upstream.received) == 100_000, what="bytes upstream")
         kept_alive.get(url + "/proxies", timeout=5)
     finally:
         start = time.monotonic()
         server.stop(timeout=5)
         elapsed = time.monotonic() - start
+        kept_alive.close()
     assert not server.running and elapsed < 3, elapsed
     assert stuck.recv(10) == b""
     with pytest.raises(ConnectionError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    kept_alive.close()

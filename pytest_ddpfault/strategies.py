@@ -1,0 +1,137 @@
+"""Hypothesis strategies of fault plans, for property-based fault fuzzing.
+
+    from hypothesis import given, settings, HealthCheck
+    from pytest_ddpfault.strategies import fault_plans
+
+    @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+    @given(plan=fault_plans(world_size=3, kinds=["kill_rank", "delay"]))
+    @pytest.mark.ddp(world_size=3, timeout=20)
+    def test_training_never_hangs(ddp, plan):
+        res = ddp.run(train, faults=plan)
+        assert not res.hung
+
+A plan prints as its spec string, so a falsifying example pastes straight into
+``@pytest.mark.ddp(fault=...)``. Plans shrink toward fewer faults, the kind's default
+trigger and params, lower ranks, later triggers and smaller values.
+"""
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from pytest_ddpfault.faults import COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Trigger, format_plan
+
+__all__ = ["FaultPlan", "fault_plans", "faults", "triggers"]
+
+# The ops a plan triggers on by default: what a training loop certainly calls.
+DEFAULT_OPS = ("collective", "all_reduce", "broadcast", "barrier")
+MAX_CALL = 5
+MAX_SECONDS = 2.0
+
+
+class FaultPlan(tuple):
+    """A tuple of ``Fault``s that prints as the spec string ``@pytest.mark.ddp(fault=...)`` takes."""
+
+    def __repr__(self) -> str:
+        return repr(format_plan(self))
+
+    __str__ = format_plan
+
+
+def _later(n_max: int) -> st.SearchStrategy[int]:
+    # integers shrink toward their lower bound: count down from n_max so that
+    # shrinking moves a trigger later, where it disturbs less of the run
+    return st.integers(0, n_max - 1).map(lambda k: n_max - k)
+
+
+def triggers(ops=DEFAULT_OPS, forms=("op", "step", "init", "time"), max_call: int = MAX_CALL,
+             max_seconds: float = MAX_SECONDS) -> st.SearchStrategy[Trigger]:
+    """Triggers of the given forms; simplest first (ops, then steps, init, times)."""
+    unknown = sorted(set(ops) - COLLECTIVE_OPS - {"collective"})
+    if unknown:
+        raise ValueError(f"triggers(ops=...): unknown op {unknown[0]!r}; allowed: collective, "
+                         f"{', '.join(sorted(COLLECTIVE_OPS))}")
+    choices = []
+    if "op" in forms and ops:
+        choices.append(st.builds(lambda op, n: Trigger("op", op=op, n=n), st.sampled_from(list(ops)),
+                                 _later(max_call)))
+    if "step" in forms:
+        choices.append(_later(max_call).map(lambda n: Trigger("step", n=n)))
+    if "init" in forms:
+        choices.append(st.just(Trigger("init")))
+    if "time" in forms:
+        choices.append(st.integers(0, int(max_seconds * 10)).map(
+            lambda k: Trigger("time", seconds=round(max_seconds - k / 10, 1))))
+    if not choices:
+        raise ValueError(f"triggers(forms={forms!r}): no trigger form left; allowed: op, step, init, time")
+    return st.one_of(*choices)
+
+
+def _small(hi: float, step: float = 0.1) -> st.SearchStrategy[float]:
+    return st.integers(1, int(round(hi / step))).map(lambda k: round(k * step, 3))
+
+
+# Strategies for params by name (shared by every kind that takes them). Bounds keep
+# each example short: fuzzing is many small runs, not a few long ones.
+_PARAMS = {
+    "signal": st.sampled_from(["SIGKILL", "SIGTERM", "SIGSEGV"]),
+    "exc": st.sampled_from(["RuntimeError", "ValueError", "OSError"]),
+    "code": st.integers(0, 3),
+    "resume_after": _small(1.0),
+    "seconds": _small(1.0),
+    "every": st.booleans(),
+    "mode": st.sampled_from(["listen", "bind"]),
+    "hold_for": _small(1.0),
+    "duration": _small(1.0),
+    "stream": st.sampled_from(["downstream", "upstream"]),
+    "toxicity": st.sampled_from([1.0, 0.5]),
+    "latency": st.integers(0, 300),
+    "jitter": st.integers(0, 50),
+    "rate": st.integers(0, 1000),
+    "timeout": st.integers(0, 500),
+    "delay": st.integers(0, 300),
+    "bytes": st.integers(0, 4096),
+}
+
+
+def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | None = None,
+           ops=DEFAULT_OPS) -> st.SearchStrategy[Fault]:
+    """Valid faults of one kind for ``world_size`` ranks."""
+    if kind not in KINDS:
+        raise ValueError(f"faults(kind={kind!r}): unknown kind; allowed: {', '.join(sorted(KINDS))}")
+    definition = KINDS[kind]
+    optional = {key: _PARAMS[key] for key in definition.keys if key in _PARAMS}
+    if definition.takes_rank:
+        optional["rank"] = st.integers(0, world_size - 1)
+    if definition.takes_at:
+        allowed = definition.trigger_forms
+        at = trigger_strategy if trigger_strategy is not None else triggers(
+            ops=ops, forms=tuple(f for f in ("op", "step", "init", "time") if f in allowed))
+        optional["at"] = at.filter(lambda t: t.kind in allowed)
+
+    @st.composite
+    def build(draw):
+        params = draw(st.fixed_dictionaries({}, optional=optional))
+        try:
+            return Fault(kind, **params).validate(world_size)
+        except FaultSpecError:
+            from hypothesis import reject
+
+            reject()  # a combination the kind refuses (e.g. crash_rank exc with code)
+
+    return build()
+
+
+def fault_plans(world_size: int, kinds=None, max_faults: int = 1, triggers=None,
+                ops=DEFAULT_OPS) -> st.SearchStrategy[FaultPlan]:
+    """Plans of 0..max_faults faults, each valid for ``world_size``, accepted by ``ddp.run(faults=...)``."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"fault_plans(world_size={world_size!r}): must be an int >= 1")
+    names = sorted(KINDS) if kinds is None else list(kinds)
+    bad = [k for k in names if k not in KINDS]
+    if bad:
+        raise ValueError(f"fault_plans(kinds=...): unknown kind {bad[0]!r}; allowed: {', '.join(sorted(KINDS))}")
+    one = st.one_of(*(faults(k, world_size, triggers, ops) for k in names))
+    # kinds that must not appear twice (one MASTER_PORT): unique by kind for those
+    plans = st.lists(one, min_size=0, max_size=max_faults,
+                     unique_by=lambda f: f.kind if f.definition.once_per_plan else id(f))
+    return plans.map(FaultPlan)

@@ -1,0 +1,529 @@
+"""Unmodified scripts under a real launcher, with a fault plan: ``ddp.torchrun(...)``.
+
+::
+
+    res = ddp.torchrun("train.py", "--steps", "8", nproc=2, max_restarts=1,
+                       faults="kill_rank(rank=1, at=step#5)", timeout=120)
+    res.assert_ok()
+    assert res.restarts == 1
+
+runs ``python -m torch.distributed.run --standalone`` as a subprocess in its own session.
+``--standalone`` is c10d rendezvous on ``localhost:0``: the agent binds its store to a port
+the OS picks and hands that to its workers, so there is no port to race for. The plan
+travels in ``DDPFAULT_PLAN`` and every worker arms itself through the import hook
+(``env_plan``); what fired, in which attempt, comes back through ``DDPFAULT_EVENTS``.
+
+``run_script`` does the same for a plain ``python script.py`` (``mp.spawn`` and friends).
+
+The run owns one deadline, counted from the launcher's start (torchrun's own start-up,
+rendezvous and restarts are in it). At the deadline every process of the run that
+registered the hook's stack dump gets SIGUSR1 (faulthandler, C level), then the launcher
+is stopped, and every process of its tree and every process the hook recorded is killed
+with its process group. Whatever happens, no process of the run outlives the call.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from pytest_ddpfault import env_plan
+from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault.harness import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
+from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
+
+__all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "WorkerResult", "run_script",
+           "run_torchrun"]
+
+REAP_BUDGET = 10.0          # for killed processes to be gone
+_PAUSE = 0.02               # the longest a deadline-bounded wait blocks before looking again
+# What the parent environment must not pass to the launcher: it makes its own group.
+_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_plan.ENV_DIE_WITH_PARENT)
+# The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
+_AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
+
+
+class TorchrunError(RuntimeError):
+    """The run could not be started (not a failure of the script)."""
+
+
+# --- results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttemptFaultEvent(FaultEvent):
+    """A fault that fired in a launched process; ``time`` is seconds from the launcher's start."""
+
+    attempt: int = 0
+    pid: int | None = None
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} in attempt {self.attempt}"
+
+
+@dataclass
+class WorkerResult(RankResult):
+    """How one worker process of one attempt ended.
+
+    ``status`` as for ``RankResult``. Sources, best first: the exception the hook saw
+    reach the top (``exc_type``, ``message``, ``traceback``), the worker's torchrun error
+    file (``@record``), the agent's report of its exit code, the fault that killed it, the
+    agent's own SIGTERM, a normal interpreter exit ("ok": it did not fail; scripts return
+    no value). ``stdout``/``stderr`` are the worker's own (torchrun ``--tee``).
+    """
+
+    attempt: int = 0
+    local_rank: int | None = None
+    pid: int | None = None
+    error_file: str | None = None
+
+    def detail(self) -> str:
+        return "exited normally" if self.status == "ok" else super().detail()
+
+    def report(self) -> str:
+        head, _, rest = super().report().partition("\n")
+        head = head.replace(f"--- rank {self.rank}:", f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):", 1)
+        return f"{head}\n{rest}" if rest else head
+
+
+@dataclass
+class TorchrunResult:
+    """What a launched run produced: the launcher's end and output, its workers, its faults."""
+
+    command: list
+    exit_code: int | None               # the launcher's; None when a signal ended it
+    signal: int | None = None           # the signal that ended the launcher
+    stdout: str = ""
+    stderr: str = ""
+    fault_events: list = field(default_factory=list)     # AttemptFaultEvent, by time
+    workers: list = field(default_factory=list)          # WorkerResult, by attempt then rank
+    restarts: int = 0                   # restarts the agent made (highest attempt seen)
+    timed_out: bool = False             # ended by the harness at its deadline
+    duration: float = 0.0
+    plan: str = ""
+    max_restarts: int = 0
+    launcher_stack: str | None = None   # the launcher's stacks when it was ended at the deadline
+    events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def attempts(self) -> int:
+        return self.restarts + 1
+
+    def attempt(self, n: int) -> list[WorkerResult]:
+        """The workers of attempt ``n`` (0 = the first), by rank."""
+        return [w for w in self.workers if w.attempt == n]
+
+    @property
+    def final(self) -> list[WorkerResult]:
+        """The workers of the last attempt."""
+        return self.attempt(self.restarts)
+
+    @property
+    def hung(self) -> list[WorkerResult]:
+        return [w for w in self.workers if w.status == "hung"]
+
+    def describe_end(self) -> str:
+        if self.timed_out:
+            return "ended by the harness at its deadline"
+        if self.signal is not None:
+            return f"launcher died of {signal_name(self.signal)}"
+        return f"exit code {self.exit_code}"
+
+    def summary(self) -> str:
+        restarts = f"{self.restarts} restart{'s' if self.restarts != 1 else ''} (max_restarts={self.max_restarts})"
+        lines = [f"{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
+        rows = [("attempt", "rank", "status", "time", "what happened")]
+        for w in self.workers:
+            t = f"{w.duration:.2f}s" if w.duration is not None else "-"
+            rows.append((str(w.attempt), str(w.rank), w.status, t, w.detail()))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines += ["  ".join(row[i].ljust(widths[i]) for i in range(4)) + "  " + row[4] for row in rows]
+        if self.plan:
+            lines.append(f"fault plan: {self.plan}")
+        lines += [f"fired: {ev}" for ev in self.fault_events]
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        out = [self.summary()]
+        out += [w.report() for w in self.workers if w.status != "ok"]
+        if self.launcher_stack:
+            out.append("launcher stacks at the deadline (faulthandler):\n" + self.launcher_stack.rstrip())
+        for name, text in (("launcher stdout", self.stdout), ("launcher stderr", self.stderr)):
+            if text.strip():
+                out.append(f"{name} (last 40 lines):\n" + "\n".join(text.rstrip().splitlines()[-40:]))
+        return "\n".join(out)
+
+    def command_line(self) -> str:
+        shown = ["python" if self.command and arg == self.command[0] else arg for arg in self.command]
+        return " ".join(a for a in shown if not a.startswith("--log-dir"))
+
+    def assert_ok(self) -> None:
+        if not self.ok:
+            raise AssertionError(f"the launched run failed: {self.describe_end()}\n{self.report()}")
+
+    def __repr__(self) -> str:
+        return (f"<TorchrunResult {self.describe_end()} restarts={self.restarts} "
+                f"workers={len(self.workers)} {self.duration:.2f}s>")
+
+
+# --- entry points --------------------------------------------------------------------------
+
+def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
+                 faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
+                 cwd: str | os.PathLike | None = None, torchrun_args: tuple = ()) -> TorchrunResult:
+    """Run ``script_or_module`` (a ``.py`` path, else a module name) under
+    ``python -m torch.distributed.run --standalone --nproc-per-node=nproc``, with the plan."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a whole number >= 1, got {nproc!r}")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ValueError(f"max_restarts must be a whole number >= 0, got {max_restarts!r}")
+    plan = env_plan.validate_env_plan(faults, nproc)
+    target, is_module = _target(script_or_module)
+    run = _LaunchRun(plan, timeout, env, cwd)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--log-dir={run.log_dir}",
+            "--tee=3", *map(str, torchrun_args), *(["--module"] if is_module else []), target, *map(str, args)]
+    return run.run(argv, max_restarts)
+
+
+def run_script(script_or_module: str | os.PathLike, *args, faults=None, timeout: float = DEFAULT_TIMEOUT,
+               env: dict | None = None, cwd: str | os.PathLike | None = None,
+               attempt: int | None = None) -> TorchrunResult:
+    """Run ``python script.py *args`` (or ``python -m module``) with the plan in its
+    environment: every Python process it starts (``mp.spawn``...) arms itself.
+    ``attempt`` sets ``DDPFAULT_ATTEMPT``."""
+    plan = env_plan.validate_env_plan(faults)
+    target, is_module = _target(script_or_module)
+    extra = {} if attempt is None else {env_plan.ENV_ATTEMPT: str(attempt)}
+    run = _LaunchRun(plan, timeout, {**extra, **(env or {})}, cwd)
+    return run.run([sys.executable, *(["-m"] if is_module else []), target, *map(str, args)], 0)
+
+
+def _target(script_or_module) -> tuple[str, bool]:
+    text = os.fspath(script_or_module)
+    if isinstance(script_or_module, os.PathLike) or text.endswith(".py") or os.sep in text:
+        if not os.path.isfile(text):
+            raise TorchrunError(f"no such script: {text!r} (from {os.getcwd()})")
+        return os.path.abspath(text), False
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise TorchrunError(f"{text!r} is neither a .py script nor a module name")
+    return text, True
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+class _LaunchRun:
+    def __init__(self, plan: tuple, timeout, env: dict | None, cwd) -> None:
+        self.plan = plan
+        self.timeout = check_timeout(timeout, "timeout")
+        self.user_env = dict(env or {})
+        self.cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
+        if env_plan.hook_path() is None:
+            raise TorchrunError(
+                f"the {env_plan.ENV_PLAN} import hook ({env_plan.PTH_NAME}) is not installed for "
+                f"{sys.executable}: install the package (pip install pytest-ddpfault, or pip install -e . "
+                "from a checkout) rather than putting it on PYTHONPATH")
+        self.dir = tempfile.mkdtemp(prefix="ddpf-run-", dir=_short_tmp())
+        self.log_dir = os.path.join(self.dir, "logs")
+        self.events_path = os.path.join(self.dir, "events.jsonl")
+        self.proc: subprocess.Popen | None = None
+        self.pidfd: int | None = None
+        self.start = 0.0
+        self.timed_out = False
+        self.ended: set[int] = set()       # pids ended at the deadline
+        self.ended_at = 0.0
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if k not in _GROUP_ENV and k not in _OWN_ENV and not k.startswith("TORCHELASTIC_")}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.update({env_plan.ENV_PLAN: env_plan.format_env_plan(self.plan),
+                    env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: "1"})
+        env.update({k: str(v) for k, v in self.user_env.items()})
+        return env
+
+    def run(self, argv: list, max_restarts: int) -> TorchrunResult:
+        out_path, err_path = os.path.join(self.dir, "launcher.out"), os.path.join(self.dir, "launcher.err")
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                self.start = time.monotonic()
+                deadline = Deadline(self.start + self.timeout)
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                             env=self.env(), cwd=self.cwd, start_new_session=True)
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            if not self._wait(deadline):
+                self.timed_out = True
+                self._end_at_deadline()
+            duration = time.monotonic() - self.start
+            self._kill_leftovers()
+            return self._collect(argv, max_restarts, duration, _read_tail(out_path), _read_tail(err_path))
+        finally:
+            self._cleanup()
+
+    def _wait(self, until: Deadline) -> bool:
+        """Wait for the launcher to exit; False when ``until`` came first."""
+        while self.proc.poll() is None:
+            if until.expired():
+                return False
+            select.select([self.pidfd], [], [], until.remaining())
+        return True
+
+    # -- the deadline ----------------------------------------------------------------------
+    def _end_at_deadline(self) -> None:
+        """Stacks first (where the hook registered them), then kill the whole tree."""
+        root = self.proc.pid
+        self.ended_at = time.monotonic()
+        tree = [root, *_descendants(root)]
+        dumping = []
+        for pid in tree:
+            path = env_plan.stack_path(self.events_path, pid)
+            if os.path.exists(path):   # registered: SIGUSR1 dumps stacks instead of killing it
+                _signal(pid, signal.SIGUSR1)
+                _signal(pid, signal.SIGCONT)   # a frozen (hang_rank) process handles it on resume
+                dumping.append(SimpleNamespace(pid=pid, stack_path=path, exit=None))
+        self.ended.update(tree)
+
+        def pause() -> None:
+            select.select([self.pidfd], [], [], _PAUSE)
+            for p in dumping:
+                if env_plan.proc_start_ticks(p.pid) is None:
+                    p.exit = True
+
+        _wait_for_stacks(dumping, Deadline.after(STACK_DUMP_BUDGET), pause)
+        # Freeze the launcher so that it starts nothing new, then kill what it has.
+        _signal_group(root, signal.SIGSTOP)
+        for pid in _descendants(root):
+            self.ended.add(pid)
+            _kill_with_group(pid)
+        _kill_with_group(root)
+        self.proc.wait(REAP_BUDGET)
+
+    def _kill_leftovers(self) -> None:
+        """Every process the hook recorded that is still alive (orphaned workers): killed."""
+        if self.proc.poll() is None:
+            _kill_with_group(self.proc.pid)
+            self.proc.wait(REAP_BUDGET)
+        alive = {}
+        for ev in env_plan.read_events(self.events_path):
+            pid, ticks = ev.get("pid"), ev.get("start_ticks")
+            if ev.get("type") == "process" and pid and ticks is not None \
+                    and env_plan.proc_start_ticks(pid) == ticks:
+                alive[pid] = ticks
+        _kill_and_wait(alive, Deadline.after(REAP_BUDGET))
+
+    def _cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:  # an error or Ctrl-C on the way
+            for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+                _kill_with_group(pid)
+            self.proc.wait(REAP_BUDGET)
+            try:
+                self._kill_leftovers()
+            except OSError:
+                pass
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- results ---------------------------------------------------------------------------
+    def _collect(self, argv, max_restarts, duration, stdout, stderr) -> TorchrunResult:
+        events = env_plan.read_events(self.events_path)
+        code = self.proc.returncode
+        res = TorchrunResult(command=list(argv), exit_code=code if code >= 0 else None,
+                             signal=-code if code < 0 else None, stdout=stdout, stderr=stderr,
+                             timed_out=self.timed_out, duration=round(duration, 4),
+                             plan=env_plan.format_env_plan(self.plan), max_restarts=max_restarts,
+                             events=events)
+        res.fault_events = sorted((AttemptFaultEvent(
+            ev["kind"], ev.get("rank"), ev.get("trigger", ""), round(max(0.0, ev["time"] - self.start), 4),
+            ev.get("spec", ""), ev.get("detail", ""), attempt=ev.get("attempt", 0), pid=ev.get("pid"))
+            for ev in events if ev.get("type") == "fault"), key=lambda e: e.time)
+        res.workers = self._workers(events, stdout + stderr)
+        res.restarts = max((w.attempt for w in res.workers), default=0)
+        if self.timed_out:
+            res.launcher_stack = _read_tail(env_plan.stack_path(self.events_path, self.proc.pid)) or None
+        return res
+
+    def _workers(self, events: list, launcher_output: str) -> list[WorkerResult]:
+        by_pid: dict[int, list] = {}
+        for ev in events:
+            by_pid.setdefault(ev.get("pid"), []).append(ev)
+        failed = {int(pid): int(code) for code, _, pid in _AGENT_FAILED.findall(launcher_output)}
+        stopped = {int(pid): sig for pid, sig in _AGENT_STOPPED.findall(launcher_output)}
+        workers = []
+        for pid, evs in by_pid.items():
+            rank = next((ev["rank"] for ev in evs if ev.get("rank") is not None), None)
+            start = next((ev for ev in evs if ev.get("type") == "process"), None)
+            if rank is None or start is None or pid == self.proc.pid:
+                continue  # the launcher itself, or a process that never knew its rank
+            workers.append(self._worker(pid, rank, start, evs, failed.get(pid), stopped.get(pid)))
+        return sorted(workers, key=lambda w: (w.attempt, w.rank, w.pid))
+
+    def _worker(self, pid, rank, start, evs, failed_code, stopped_by) -> WorkerResult:
+        attempt, local_rank = start.get("attempt", 0), start.get("local_rank")
+        w = WorkerResult(rank=rank, status="exited", attempt=attempt, local_rank=local_rank, pid=pid)
+        exc, exited = _first(evs, "exception"), _first(evs, "exit")
+        killer = _first(evs, "fault", kind="kill_rank")
+        end = None
+        if local_rank is not None:
+            w.stdout, w.stderr = (_read_tail(p) for p in self._worker_logs(attempt, local_rank))
+            w.error_file = self._error_file(attempt, local_rank)
+        if failed_code is not None:
+            w.exit_code, w.signal = (failed_code, None) if failed_code >= 0 else (None, -failed_code)
+        if exc is not None:
+            w.status, w.exc_type, w.exc_mro = "raised", exc.get("exc_type"), tuple(exc.get("exc_mro", ()))
+            w.message, w.traceback, end = exc.get("message"), exc.get("traceback"), exc.get("time")
+        elif w.error_file is not None:
+            w.status, (w.exc_type, w.message, w.traceback) = "raised", _read_error_file(w.error_file)
+        elif failed_code is not None:
+            w.status = "killed" if failed_code < 0 else "exited"
+        elif pid in self.ended and exited is None:
+            w.status, w.note, end = "hung", "still running at the harness deadline", self.ended_at
+            w.stack = _read_tail(env_plan.stack_path(self.events_path, pid)) or None
+        elif killer is not None and exited is None:
+            w.status, w.signal, end = "killed", _spec_signal(killer.get("spec", "")), killer.get("time")
+        elif stopped_by is not None and exited is None:
+            w.status, w.signal = "killed", int(getattr(signal, stopped_by, signal.SIGTERM))
+            w.note = f"stopped by the torchrun agent ({stopped_by}) after another worker failed"
+        elif exited is not None:
+            w.status, w.exit_code = "ok", None
+        else:
+            w.note = "ended without a record of how (no exception, no exit, no agent report)"
+        for source in (exited, killer):
+            if end is None and source is not None:
+                end = source.get("time")
+        if end is not None:
+            w.duration = round(end - start["time"], 4)
+            w.end_time = round(end - self.start, 4)
+        return w
+
+    def _attempt_dir(self, attempt: int, local_rank: int) -> str | None:
+        found = glob.glob(os.path.join(glob.escape(self.log_dir), "*", f"attempt_{attempt}", str(local_rank)))
+        return found[0] if found else None
+
+    def _worker_logs(self, attempt: int, local_rank: int) -> tuple[str, str]:
+        d = self._attempt_dir(attempt, local_rank) or os.devnull
+        return os.path.join(d, "stdout.log"), os.path.join(d, "stderr.log")
+
+    def _error_file(self, attempt: int, local_rank: int) -> str | None:
+        d = self._attempt_dir(attempt, local_rank)
+        path = d and os.path.join(d, "error.json")
+        return path if path and os.path.isfile(path) else None
+
+
+def _first(events: list, type_: str, **match) -> dict | None:
+    return next((ev for ev in events if ev.get("type") == type_
+                 and all(ev.get(k) == v for k, v in match.items())), None)
+
+
+def _read_error_file(path: str) -> tuple[str | None, str, str]:
+    """(exception type, message, traceback) of a torchrun error file (written by ``@record``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None, f"unreadable torchrun error file {path}", ""
+    message = data.get("message", "") if isinstance(data, dict) else ""
+    info = {}
+    if isinstance(message, dict):
+        info, message = message.get("extraInfo") or {}, message.get("message", "")
+    message = str(message)
+    exc_type, _, text = message.partition(": ")
+    exc_type = exc_type if exc_type.replace(".", "").replace("_", "").isalnum() else None
+    return exc_type, (text if exc_type else message), str(info.get("py_callstack", ""))
+
+
+def _spec_signal(spec: str) -> int:
+    m = re.search(r"signal=(\w+)", spec)
+    name = m.group(1) if m else "SIGKILL"
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(name)
+
+
+# --- processes from the outside ---------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _descendants(root: int) -> list[int]:
+    seen, todo = [], _children(root)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(_children(pid))
+    return seen
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the group ``pid`` leads (launchers and torchrun's workers lead their own)."""
+    try:
+        if os.getpgid(pid) == pid and pid != os.getpgrp():
+            os.killpg(pid, sig)
+            return
+    except (ProcessLookupError, PermissionError):
+        return
+    _signal(pid, sig)
+
+
+def _kill_with_group(pid: int) -> None:
+    _signal_group(pid, signal.SIGKILL)
+    _signal(pid, signal.SIGKILL)
+
+
+def _kill_and_wait(alive: dict[int, int], until: Deadline) -> None:
+    """SIGKILL each ``pid: start_ticks`` (and its group) and wait until each is gone."""
+    fds = {}
+    for pid, ticks in alive.items():
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        if env_plan.proc_start_ticks(pid) != ticks:  # the pid is someone else's now
+            os.close(fd)
+            continue
+        fds[fd] = pid
+        _kill_with_group(pid)
+    try:
+        while fds and not until.expired():
+            ready, _, _ = select.select(list(fds), [], [], until.remaining())
+            for fd in ready:
+                fds.pop(fd)
+                os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
