@@ -51,7 +51,8 @@ def start_time(python: str, env: dict) -> float:
 def describe(times: list[float]) -> str:
     ms = [t * 1000 for t in times]
     q = statistics.quantiles(ms, n=4)
-    return f"median {statistics.median(ms):6.2f} ms  (IQR {q[0]:6.2f}-{q[2]:6.2f}, mean {statistics.mean(ms):6.2f})"
+    median, mean = statistics.median(ms), statistics.mean(ms)
+    return f"median {median:6.2f} ms  (IQR {q[0]:6.2f}-{q[2]:6.2f}, mean {mean:6.2f})"
 
 
 def main(argv=None) -> None:
@@ -64,8 +65,9 @@ def main(argv=None) -> None:
     try:
         without = make_venv(root, "without", with_hook=False)
         with_hook = make_venv(root, "with", with_hook=True)
-        check = subprocess.run([with_hook, "-c", "import sys; print('pytest_ddpfault.env_plan' in sys.modules)"],
-                               env=armed_env, capture_output=True, text=True, check=True)
+        probe = "import sys; print('pytest_ddpfault.env_plan' in sys.modules)"
+        check = subprocess.run([with_hook, "-c", probe], env=armed_env, capture_output=True, text=True,
+                               check=True)
         assert check.stdout.strip() == "True", "the hook did not run in the 'with' environment"
         rows = {"without the package": (without, base_env),
                 "with it, DDPFAULT_PLAN unset": (with_hook, base_env),

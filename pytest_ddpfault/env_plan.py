@@ -47,8 +47,8 @@ from pytest_ddpfault.faults import Fault, FaultSpecError
 
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
-    "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan",
-    "hook_path", "parse_env_plan", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
+    "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
+    "parse_env_plan", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
 ]
 
 ENV_PLAN = "DDPFAULT_PLAN"
@@ -60,7 +60,7 @@ ENV_DIE_WITH_PARENT = "DDPFAULT_DIE_WITH_PARENT"
 ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
 ANY_ATTEMPT = "*"
-BAD_PLAN_EXIT = 2          # exit code of a process whose DDPFAULT_PLAN does not parse
+BAD_PLAN_EXIT = 2          # exit code of a process whose plan (or event file) cannot be used
 _PR_SET_PDEATHSIG = 1
 
 
@@ -253,12 +253,18 @@ def activate(environ: Mapping[str, str] | None = None) -> None:
     try:
         attempt = current_attempt(env)
         plan = validate_env_plan(text)
+        _state = _Activation(plan, attempt, env)
     except FaultSpecError as e:
-        sys.stderr.write(f"pytest-ddpfault: {ENV_PLAN}={text!r} cannot be used: {e}\n")
-        sys.stderr.flush()
-        os._exit(BAD_PLAN_EXIT)
-    _state = _Activation(plan, attempt, env)
+        _refuse(f"{ENV_PLAN}={text!r} cannot be used: {e}")
+    except OSError as e:
+        _refuse(f"{ENV_EVENTS}={env.get(ENV_EVENTS)!r} cannot be written: {e}")
     _state.start()
+
+
+def _refuse(why: str) -> None:
+    sys.stderr.write(f"pytest-ddpfault: {why}\n")
+    sys.stderr.flush()
+    os._exit(BAD_PLAN_EXIT)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -288,6 +294,7 @@ class _Activation:
         self.faults = tuple(item.fault for item in plan if item.applies_to(attempt))
         self.events_path = env.get(ENV_EVENTS) or None
         self.events = JsonLinesSink(self.events_path, attempt) if self.events_path else _NoSink()
+        self.env = env
         self.env_rank = _env_int(env, "RANK")
         self.rank: int | None = None      # set once the plan is installed
         self.installed = False
@@ -300,8 +307,8 @@ class _Activation:
         if self.events_path:
             self._register_stack_dump()
             self.events.send({"type": "process", "ppid": os.getppid(), "rank": self.env_rank,
-                              "local_rank": _env_int(os.environ, "LOCAL_RANK"),
-                              "world_size": _env_int(os.environ, "WORLD_SIZE"),
+                              "local_rank": _env_int(self.env, "LOCAL_RANK"),
+                              "world_size": _env_int(self.env, "WORLD_SIZE"),
                               "start_ticks": proc_start_ticks(), "time": self.started})
             self._watch_exit()
         if self.faults:
@@ -361,7 +368,8 @@ class _Activation:
                 fault.validate(world_size)
             firer = install_plan(self.faults, rank, world_size, self.events, started=self.started)
         except FaultSpecError as e:
-            raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): {e}") from None
+            raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
+                               f"{e}") from None
         self.events.send({"type": "armed", "rank": rank, "world_size": world_size,
                           "faults": [str(f) for f in firer.counter.faults]})
 

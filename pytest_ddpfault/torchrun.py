@@ -95,7 +95,8 @@ class WorkerResult(RankResult):
 
     def report(self) -> str:
         head, _, rest = super().report().partition("\n")
-        head = head.replace(f"--- rank {self.rank}:", f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):", 1)
+        where = f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):"
+        head = head.replace(f"--- rank {self.rank}:", where, 1)
         return f"{head}\n{rest}" if rest else head
 
 
@@ -147,7 +148,8 @@ class TorchrunResult:
         return f"exit code {self.exit_code}"
 
     def summary(self) -> str:
-        restarts = f"{self.restarts} restart{'s' if self.restarts != 1 else ''} (max_restarts={self.max_restarts})"
+        plural = "" if self.restarts == 1 else "s"
+        restarts = f"{self.restarts} restart{plural} (max_restarts={self.max_restarts})"
         lines = [f"{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
         rows = [("attempt", "rank", "status", "time", "what happened")]
         for w in self.workers:
@@ -199,7 +201,8 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
     run = _LaunchRun(plan, timeout, env, cwd)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
             f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--log-dir={run.log_dir}",
-            "--tee=3", *map(str, torchrun_args), *(["--module"] if is_module else []), target, *map(str, args)]
+            "--tee=3", *map(str, torchrun_args), *(["--module"] if is_module else []), target,
+            *map(str, args)]
     return run.run(argv, max_restarts)
 
 
@@ -301,7 +304,8 @@ class _LaunchRun:
         self.ended.update(tree)
 
         def pause() -> None:
-            select.select([self.pidfd], [], [], _PAUSE)
+            # Returns at once if the launcher has just died; the dumps are given _PAUSE anyway.
+            select.select([] if self.proc.poll() is not None else [self.pidfd], [], [], _PAUSE)
             for p in dumping:
                 if env_plan.proc_start_ticks(p.pid) is None:
                     p.exit = True

@@ -159,15 +159,19 @@ def test_a_bad_plan_stops_the_process_and_says_why():
     assert "ran" not in res.stdout
     assert "DDPFAULT_PLAN='kil_rank(rank=1)' cannot be used" in res.stderr
     assert "did you mean 'kill_rank'" in res.stderr
+    res = python("print('ran')", clean_env(**{ENV_PLAN: "", ENV_EVENTS: "/nonexistent/ev.jsonl"}))
+    assert (res.returncode, res.stdout) == (2, "")
+    assert "DDPFAULT_EVENTS='/nonexistent/ev.jsonl' cannot be written" in res.stderr
 
 
 # A one-rank gloo group on an in-process store (no port): four all_reduce calls, then a
 # crash that only the plan can cause. Faults are scoped to attempts 0, 1 and every attempt.
 # With RANK in the environment the plan is in before the script runs (torchrun); without,
 # it goes in inside init_process_group, from its arguments (mp.spawn).
-SCOPED_PLAN = ("delay(rank=0, at=all_reduce#1, seconds=0); delay(rank=0, at=all_reduce#2, seconds=0, attempt=1); "
-               "delay(rank=0, at=all_reduce#3, seconds=0, attempt=*); crash_rank(rank=0, at=step#1, exc=KeyError, "
-               "message=injected, attempt=1)")
+SCOPED_PLAN = ("delay(rank=0, at=all_reduce#1, seconds=0); "
+               "delay(rank=0, at=all_reduce#2, seconds=0, attempt=1); "
+               "delay(rank=0, at=all_reduce#3, seconds=0, attempt=*); "
+               "crash_rank(rank=0, at=step#1, exc=KeyError, message=injected, attempt=1)")
 ONE_RANK = """
     import os, sys
     import torch, torch.distributed as dist
@@ -201,6 +205,7 @@ def test_faults_fire_in_their_attempt(tmp_path, attempt, eager):
     else:
         assert res.returncode == 1
         assert "KeyError: 'injected'" in res.stderr
-        assert fired == [("delay", "all_reduce#2", 1), ("delay", "all_reduce#3", 1), ("crash_rank", "step#1", 1)]
+        assert fired == [("delay", "all_reduce#2", 1), ("delay", "all_reduce#3", 1),
+                         ("crash_rank", "step#1", 1)]
         [exc] = [e for e in read_events(events) if e["type"] == "exception"]
         assert (exc["exc_type"], exc["rank"], exc["attempt"]) == ("KeyError", 0, 1)

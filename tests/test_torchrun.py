@@ -3,8 +3,8 @@
 Real torchrun (``python -m torch.distributed.run --standalone``), real gloo, real restarts.
 Each launched run starts fresh interpreters that import torch (seconds each on this
 machine), so there are few of them: one mp.spawn run gives the reference weights, one
-torchrun run recovers from a killed rank, one fails without restarts, one shows the
-pitfall that the example's per-attempt store prefix avoids, and one hangs until the deadline.
+torchrun run recovers from a killed rank, one fails without restarts, and one hangs until
+the deadline.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "torchrun" / "train.py"
 RUN_TIMEOUT = 240.0   # a bound, not the expected time (10-20 s a run, more on a loaded machine)
 KILL_AT_5 = "kill_rank(rank=1, at=step#5)"
-# ...and in the restarted attempt, rank 1 comes late to init_process_group: its peer then
-# reads whatever the store holds under rank 1's key first.
+# ...and in the restarted attempt, rank 1 comes late to init_process_group, while the
+# agent's store still holds what the dead attempt wrote (see the example's docstring).
 LATE_IN_RETRY = "delay(rank=1, at=init, seconds=2, attempt=1)"
 
 
@@ -72,7 +72,8 @@ def test_torchrun_restarts_and_the_job_recovers(ddp, tmp_path, reference):
     assert res.restarts == 1 and res.attempts == 2
     fired = [(e.kind, e.rank, e.trigger, e.attempt) for e in res.fault_events]
     assert fired == [("kill_rank", 1, "step#5", 0), ("delay", 1, "init", 1)]
-    assert "kill_rank on rank 1 at step#5" in str(res.fault_events[0]) and "in attempt 0" in str(res.fault_events[0])
+    assert str(res.fault_events[0]).startswith("kill_rank on rank 1 at step#5, t=")
+    assert str(res.fault_events[0]).endswith("s in attempt 0")
     first, final = res.attempt(0), res.final
     assert first[1].killed_by(signal.SIGKILL)
     assert [(w.rank, w.status) for w in final] == [(0, "ok"), (1, "ok")]
@@ -98,23 +99,6 @@ def test_without_restarts_the_same_fault_fails_the_job(tmp_path):
     with pytest.raises(AssertionError, match="exit code 1") as info:
         res.assert_ok()
     assert "fired: kill_rank on rank 1 at step#5" in str(info.value)
-    assert_nothing_left(res)
-
-
-def test_torch_2_13_restart_over_the_agent_store_needs_its_own_keys(tmp_path):
-    """Without a per-attempt key prefix, a restarted rank that reaches init first reads
-    its late peer's address of the dead attempt from the agent's store (kept across
-    restarts) and cannot connect: the fault the job above survives fails this one."""
-    # Later than above, so that rank 0 is at init first however the two interpreters' start
-    # varies on a loaded machine (rank 0 fails at once, and the agent ends rank 1's wait).
-    very_late = "delay(rank=1, at=init, seconds=15, attempt=1)"
-    res = run_torchrun(TRAIN, *train_args(tmp_path), "--shared-keys", nproc=2, max_restarts=1,
-                       faults=[KILL_AT_5, very_late], timeout=RUN_TIMEOUT)
-
-    assert not res.ok and res.exit_code == 1 and res.restarts == 1
-    first_in, late = res.attempt(1)
-    assert first_in.raised(RuntimeError, match="connectFullMesh failed.*Connection refused"), res.report()
-    assert late.status in ("raised", "killed"), res.report()
     assert_nothing_left(res)
 
 

@@ -12,10 +12,10 @@ weights as a run that never failed. Each step is marked with ``pytest_ddpfault.s
 
 Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True) and keeps it,
 keys and all, across restarts (torch 2.13). A restarted group that calls plain
-``init_process_group("gloo")`` uses the same keys as the attempt that died: a rank that gets
-to init before its peer has re-registered reads the peer's dead address and fails to
-connect ("Connection refused"). So each attempt here uses its own key prefix;
-``--shared-keys`` turns that off to show the failure.
+``init_process_group("gloo")`` uses the same keys as the attempt that died, and was seen to
+fail now and then with "Gloo connectFullMesh failed ... Connection refused" (a rank
+connecting to its peer's address of the dead attempt). So each attempt here uses its own
+key prefix; ``--shared-keys`` turns that off.
 """
 from __future__ import annotations
 

@@ -39,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="A Toxiproxy 2.x compatible server (HTTP API on --host:--port).")
-    parser.add_argument("--host", default="127.0.0.1",
+    # -host/-port too: the real toxiproxy-server's spelling, so this is a drop-in for it
+    parser.add_argument("--host", "-host", default="127.0.0.1",
                         help="address for the API to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8474,
+    parser.add_argument("--port", "-port", type=int, default=8474,
                         help="API port; 0 picks a free one (default: 8474)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a non-loopback --host (anyone who reaches the API "
