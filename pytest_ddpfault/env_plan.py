@@ -112,25 +112,14 @@ def _parse_one(spec: str) -> ScopedFault:
 def parse_env_plan(spec: Any) -> tuple[ScopedFault, ...]:
     """A plan with attempt scopes: a spec string (``;``-separated, each fault may add
     ``attempt=N`` or ``attempt=*``), a ``Fault``, a ``ScopedFault``, or an iterable of those."""
-    if spec is None:
-        return ()
     if isinstance(spec, ScopedFault):
         return (spec,)
-    if isinstance(spec, Fault):
-        return (ScopedFault(spec),)
     if isinstance(spec, str):
         pieces = _faults._split_top(spec, ";", spec, strict=False)
         return tuple(_parse_one(p) for p in pieces if p.strip())
     if isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
-        plan: list[ScopedFault] = []
-        for i, item in enumerate(spec):
-            if not isinstance(item, (str, Fault, ScopedFault)):
-                raise EnvPlanError(f"plan item {i} is {type(item).__name__} {item!r}: "
-                                   "expected a fault spec string, a Fault or a ScopedFault")
-            plan.extend(parse_env_plan(item))
-        return tuple(plan)
-    raise EnvPlanError(f"expected a fault plan (a spec string, a Fault or a list of them), got "
-                       f"{type(spec).__name__} {spec!r}")
+        return tuple(scoped for item in spec for scoped in parse_env_plan(item))
+    return tuple(ScopedFault(f) for f in _faults.parse_plan(spec))  # None, a Fault; else its error
 
 
 def format_env_plan(plan: Any) -> str:

@@ -9,7 +9,6 @@ The rest run real groups, DDP included. Nothing in torch.distributed is mocked.
 from __future__ import annotations
 
 import datetime
-import os
 import signal
 import time
 
@@ -94,8 +93,8 @@ def ddp_training(steps=5, pg_timeout=PG):
         opt.step()
         print(f"step {step} done", flush=True)
     total = model.module.weight.detach().sum().item()
-    # Drop DDP before the group (a DDP model outliving destroy_process_group() was seen
-    # to hang now and then in its C++ destructor on this stack, with no fault at all).
+    # Drop DDP before the group: a DDP model freed right after destroy_process_group()
+    # can deadlock in gloo's teardown (see rank._let_gloo_threads_drop_their_work).
     del model, opt
     dist.destroy_process_group()
     return total
@@ -224,7 +223,8 @@ def test_a_fault_fires_once_on_the_call_its_trigger_names(ddp, at):
 @pytest.mark.ddp(world_size=1, timeout=8)
 def test_a_trigger_whose_call_never_comes_fires_nothing(ddp):
     # SCRIPT has one broadcast: broadcast_object_list is its own op, not a second broadcast
-    res = ddp.run(run_script, SCRIPT, faults="crash_rank(rank=0, at=broadcast#2); crash_rank(rank=0, at=step#3)")
+    res = ddp.run(run_script, SCRIPT,
+                  faults="crash_rank(rank=0, at=broadcast#2); crash_rank(rank=0, at=step#3)")
     res.assert_all_ok()
     assert res.values == [[]] and res.fault_events == []
 
@@ -303,7 +303,7 @@ def test_with_a_plan_installed_the_group_still_looks_like_gloo(ddp):
     assert res.fault_events == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: triggers.py installs the default group under the backend name 'ddpfault_gloo': "
     "dist.get_backend_config() says 'cpu:ddpfault_gloo' (plain gloo: 'cpu:gloo,cuda:gloo') "
     "and the group's name() says 'ddpfault_gloo'"))
@@ -316,7 +316,7 @@ def test_with_a_plan_installed_backend_config_and_name_stay_gloo(ddp):
     assert res.values[1] == plain.values[1] == plain.values[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: triggers.py FaultInjectingGloo does not forward ProcessGroup.all_gather_single / "
     "reduce_scatter_single (what torch 2.13's all_gather_into_tensor and reduce_scatter_tensor "
     "call): with a plan installed they raise 'No backend type associated with device type cpu'"))
@@ -327,7 +327,7 @@ def test_with_a_plan_installed_tensor_collectives_still_work(ddp):
     assert res.values == [([1.0, 1.0, 2.0, 2.0], [2.0, 2.0])] * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: triggers.py install_plan wraps dist.isend and distributed_c10d.isend separately, so "
     "P2POp(dist.isend, ...) fails torch's identity check: batch_isend_irecv raises "
     "'Invalid ``op``' with a plan installed"))
@@ -374,7 +374,7 @@ def test_time_trigger_crash_interrupts_pure_python_code(ddp):
     assert 0.28 <= r.duration < 2.0 and res.duration < 2.5
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: triggers.py _raise_in_main raises a dynamic subclass whose __init__ takes no "
     "arguments, so the exception cannot be unpickled and RankResult.exc is None for a "
     "crash_rank at t=S (it is rebuilt for the same crash at an op trigger)"))

@@ -1,0 +1,87 @@
+"""The training job's fault handling, one test per fault kind, as a user writes them."""
+import signal
+
+import pytest
+import torch.distributed as dist
+
+from resilient_training import TrainConfig, train
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ckpt"), pg_timeout=2.0)
+
+
+@pytest.fixture
+def reference(ddp, tmp_path):
+    """The final weights of an unfaulted run."""
+    res = ddp.run(train, TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ref"), pg_timeout=2.0),
+                  faults=None)
+    res.assert_all_ok()
+    return res.values[0]["weights"]
+
+
+# Two ranks: the sum of two gradients is exact in any order, so "the same weights" can
+# be checked bit for bit (with three, the order of a ring all_reduce varies the last bits).
+@pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=step#4)", timeout=30)
+def test_killed_rank_then_resume_gives_the_same_weights(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    assert res[1].killed_by(signal.SIGKILL)
+    res.assert_survivors_raised(RuntimeError, within=5)      # a dead peer is detected at once
+    resumed = ddp.run(train, cfg, faults=None)                # the job is restarted
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {2}  # from the step-2 checkpoint
+    assert {v["weights"] for v in resumed.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, fault="crash_rank(rank=0, at=step#3, exc=ValueError, message='bad batch')",
+                 timeout=30)
+def test_crashed_rank_fails_the_job_cleanly(ddp, cfg):
+    res = ddp.run(train, cfg)
+    assert res[0].raised(ValueError, match="bad batch")
+    res.assert_survivors_raised(RuntimeError, within=5)
+
+
+@pytest.mark.ddp(world_size=2, fault="hang_rank(rank=1, at=all_reduce#3)", timeout=30)
+def test_frozen_rank_is_caught_by_the_process_group_timeout(ddp, cfg):
+    res = ddp.run(train, cfg)
+    res.assert_survivors_raised(RuntimeError, match="Timed out", within=cfg.pg_timeout + 3)
+    assert res.hung == [res[1]]
+
+
+@pytest.mark.ddp(world_size=2, fault="delay(rank=1, at=step#2, seconds=0.5)", timeout=30)
+def test_straggler_within_the_timeout_is_tolerated(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    res.assert_all_ok()
+    assert {v["weights"] for v in res.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, fault="port_collision(hold_for=1)", timeout=30)
+def test_init_retry_survives_a_port_held_for_a_while(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    res.assert_all_ok()
+    assert {v["weights"] for v in res.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, fault="block_port(duration=1)", timeout=30)
+def test_init_retry_survives_a_blocked_port(ddp, cfg):
+    ddp.run(train, cfg).assert_all_ok()
+
+
+@pytest.mark.ddp(world_size=2, fault="latency(latency=100)", timeout=60)
+def test_slow_store_is_only_slower(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    res.assert_all_ok()
+    assert {v["weights"] for v in res.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, fault="store_down(at=t=0.2)", timeout=30)
+def test_training_does_not_need_the_store_after_init(ddp, cfg):
+    # gloo talks peer to peer once the group is up: losing the store mid-training is
+    # harmless here, until something (a new group, a barrier on the store) needs it
+    res = ddp.run(train, TrainConfig(steps=2000, ckpt_every=10_000, ckpt_dir=cfg.ckpt_dir, pg_timeout=2.0))
+    assert res.fault_events and res.fault_events[0].kind == "store_down"
+    assert all(r.status in ("ok", "raised") for r in res)
+    for r in res:
+        if r.status == "raised":
+            assert r.raised(dist.DistError, RuntimeError)
