@@ -81,6 +81,7 @@ class _Proc:
     ended_by_harness: str = ""    # why the harness killed it ("" = it was not)
     ended_at: float = 0.0         # when the harness decided to end it
     frozen: bool = False          # stopped by hang_rank and not resumed
+    resumes: bool = False         # a resume_after SIGCONT is scheduled for it
 
 
 class GroupRun:
@@ -267,10 +268,12 @@ class GroupRun:
                 self.ranks[rank].frozen = True
                 resume = ev.get("resume_after")
                 if resume:
+                    self.ranks[rank].resumes = True
                     self.at(max(0.0, ev["time"] - self.start) + resume, lambda r=rank: self._resume(r))
 
     def _resume(self, rank: int) -> None:
         proc = self.ranks[rank]
+        proc.resumes = False
         if proc.exit is None and proc.frozen:
             proc.frozen = False
             self.launcher.signal(proc.pid, signal.SIGCONT)
@@ -284,7 +287,7 @@ class GroupRun:
             live = self._live()
             if not live:
                 return
-            if all(p.frozen for p in live):
+            if all(p.frozen and not p.resumes for p in live):
                 # Nothing else can happen: reap the frozen ranks now, not at the deadline.
                 self._end(live, "frozen by hang_rank; ended once every other rank had finished")
                 return

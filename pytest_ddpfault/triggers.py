@@ -39,6 +39,11 @@ _PG_OPS = {
     "reduce_scatter_tensor_coalesced": "reduce_scatter_tensor",
     "alltoall": "all_to_all", "alltoall_base": "all_to_all_single",
     "send": "send", "recv": "recv", "recv_anysource": "recv",
+    # ProcessGroup-only entry points (not on the gloo Backend): the base class sends them
+    # on to the registered gloo backend
+    "all_gather_single": "all_gather_into_tensor", "all_gather_single_coalesced": "all_gather_into_tensor",
+    "reduce_scatter_single": "reduce_scatter_tensor",
+    "reduce_scatter_single_coalesced": "reduce_scatter_tensor", "all_to_all_single": "all_to_all_single",
 }
 _local = threading.local()
 
@@ -87,14 +92,17 @@ def _raise_in_main(thread_id: int, exc: BaseException) -> None:
     """
     base = type(exc)
     timed = type(base.__name__, (base,), {
-        "__init__": lambda self: base.__init__(self, *exc.args),
+        "__init__": lambda self, *args: base.__init__(self, *(args or exc.args)),
+        "__reduce__": lambda self: (base, self.args),   # pickles as the original
         "__module__": base.__module__, "__qualname__": base.__qualname__,
     })
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(timed))
 
 
-def _wrap_function(module, name: str, firer: FaultFirer) -> None:
-    original = getattr(module, name, None)
+def _wrap_function(modules, name: str, firer: FaultFirer) -> None:
+    """Wrap ``name`` once and put the same wrapper in every module that has it: torch
+    compares some of them by identity (``P2POp(dist.isend, ...)``)."""
+    original = getattr(modules[-1], name, None)
     if original is None or getattr(original, "__ddpfault_wrapped__", False):
         return
 
@@ -110,10 +118,13 @@ def _wrap_function(module, name: str, firer: FaultFirer) -> None:
             _local.depth = 0
 
     wrapper.__ddpfault_wrapped__ = True
-    setattr(module, name, wrapper)
+    for module in modules:
+        if getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
 
 
 def _make_process_group_class(firer: FaultFirer):
+    import torch
     import torch.distributed as dist
     from torch._C._distributed_c10d import ProcessGroupGloo
 
@@ -123,20 +134,30 @@ def _make_process_group_class(firer: FaultFirer):
         def __init__(self, store, rank, size, timeout):
             super().__init__(rank, size)
             self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
+            # what torch looks up by device (DDP's logger, ops not overridden here)
+            self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.inner)
+            self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
 
         def getBackendName(self):
-            return _WRAPPED_BACKEND
+            return "gloo"
+
+        def name(self):
+            return "gloo"
 
     def forward(method: str, op: str):
+        on_inner = hasattr(ProcessGroupGloo, method)
+
         def call(self, *args, **kwargs):
             if not getattr(_local, "depth", 0):
                 firer.on_call(op)
-            return getattr(self.inner, method)(*args, **kwargs)
+            if on_inner:
+                return getattr(self.inner, method)(*args, **kwargs)
+            return getattr(dist.ProcessGroup, method)(self, *args, **kwargs)
         call.__name__ = method
         return call
 
     for method, op in _PG_OPS.items():
-        if hasattr(ProcessGroupGloo, method):
+        if hasattr(dist.ProcessGroup, method) or hasattr(ProcessGroupGloo, method):
             setattr(FaultInjectingGloo, method, forward(method, op))
     return FaultInjectingGloo
 
@@ -161,6 +182,8 @@ def _install_backend(firer: FaultFirer) -> None:
         entry = c10d._world.pg_map.get(pg)
         if entry is not None:  # what users observe stays gloo
             c10d._world.pg_map[pg] = ("gloo", *entry[1:])
+        if pg in c10d._world.pg_backend_config:
+            c10d._world.pg_backend_config[pg] = str(c10d.BackendConfig(dist.Backend("gloo")))
         return result
 
     init_process_group.__ddpfault_wrapped__ = True
@@ -192,8 +215,7 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
         return firer
     _install_backend(firer)
     for name in sorted(KNOWN_OPS):
-        for module in (dist, c10d):
-            _wrap_function(module, name, firer)
+        _wrap_function((dist, c10d), name, firer)
     pytest_ddpfault._step_hook = functools.partial(firer.on_call, "step")
     if firer.counter.next_time() is not None:
         _start_timer(firer)

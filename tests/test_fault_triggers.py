@@ -303,10 +303,6 @@ def test_with_a_plan_installed_the_group_still_looks_like_gloo(ddp):
     assert res.fault_events == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: triggers.py installs the default group under the backend name 'ddpfault_gloo': "
-    "dist.get_backend_config() says 'cpu:ddpfault_gloo' (plain gloo: 'cpu:gloo,cuda:gloo') "
-    "and the group's name() says 'ddpfault_gloo'"))
 @pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=step#99)", timeout=8)
 def test_with_a_plan_installed_backend_config_and_name_stay_gloo(ddp):
     plain = ddp.run(backend_config_and_name, faults=[])
@@ -316,10 +312,6 @@ def test_with_a_plan_installed_backend_config_and_name_stay_gloo(ddp):
     assert res.values[1] == plain.values[1] == plain.values[0]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: triggers.py FaultInjectingGloo does not forward ProcessGroup.all_gather_single / "
-    "reduce_scatter_single (what torch 2.13's all_gather_into_tensor and reduce_scatter_tensor "
-    "call): with a plan installed they raise 'No backend type associated with device type cpu'"))
 @pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=step#99)", timeout=8)
 def test_with_a_plan_installed_tensor_collectives_still_work(ddp):
     res = ddp.run(gather_and_scatter_into_tensors)
@@ -327,10 +319,6 @@ def test_with_a_plan_installed_tensor_collectives_still_work(ddp):
     assert res.values == [([1.0, 1.0, 2.0, 2.0], [2.0, 2.0])] * 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: triggers.py install_plan wraps dist.isend and distributed_c10d.isend separately, so "
-    "P2POp(dist.isend, ...) fails torch's identity check: batch_isend_irecv raises "
-    "'Invalid ``op``' with a plan installed"))
 @pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=step#99)", timeout=8)
 def test_with_a_plan_installed_batch_isend_irecv_still_works(ddp):
     res = ddp.run(batch_p2p)
@@ -374,10 +362,6 @@ def test_time_trigger_crash_interrupts_pure_python_code(ddp):
     assert 0.28 <= r.duration < 2.0 and res.duration < 2.5
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: triggers.py _raise_in_main raises a dynamic subclass whose __init__ takes no "
-    "arguments, so the exception cannot be unpickled and RankResult.exc is None for a "
-    "crash_rank at t=S (it is rebuilt for the same crash at an op trigger)"))
 @pytest.mark.ddp(world_size=1, fault="crash_rank(rank=0, at=t=0.2)", timeout=8)
 def test_time_trigger_crash_rebuilds_the_exception_like_other_triggers(ddp):
     res = ddp.run(spin_in_python, 2.0)

@@ -298,9 +298,6 @@ def test_hang_rank_resumed_within_the_timeout_is_a_stall_the_group_survives(ddp)
     assert res[2].duration >= 0.45
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: harness.py GroupRun._wait reaps ranks that are all frozen by hang_rank at once, "
-    "even when a resume_after SIGCONT is still scheduled; the rank should resume and return"))
 @pytest.mark.ddp(world_size=2, fault="hang_rank(rank=1, at=step#1, resume_after=0.5)", timeout=6)
 def test_hang_rank_with_resume_after_resumes_even_when_no_peer_waits(ddp):
     res = ddp.run(step_then_return)
