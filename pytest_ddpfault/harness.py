@@ -362,7 +362,7 @@ class GroupRun:
         if p.exit is not None:
             r.signal, r.exit_code = p.exit.signal, p.exit.exit_code
         r.duration = round(end - p.started, 4)
-        r.end_time = round(end - self.start, 4)
+        r.end_time = round(max(0.0, end - self.start), 4)  # a rank can end before the last one exists
         return r
 
     def _output_of(self, p: _Proc) -> str:

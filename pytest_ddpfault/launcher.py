@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 from pytest_ddpfault import _wire
@@ -108,6 +109,7 @@ class ZygoteLauncher:
         self._reader = _wire.FrameReader()
         self._exits: list[ChildExit] = []
         self._ready: dict | None = None
+        self._warned = False
         sweep_stale_files()
         self._log = tempfile.NamedTemporaryFile(prefix=f"{ZYGOTE_LOG_PREFIX}{os.getpid()}-", suffix=".log",
                                                 delete=False)
@@ -158,6 +160,12 @@ class ZygoteLauncher:
         if self._ready["errors"]:
             bad = "\n".join(f"--- {m}:\n{tb}" for m, tb in self._ready["errors"].items())
             raise LauncherError(f"--ddp-preload: these modules failed to import in the zygote:\n{bad}")
+        if self._ready["threads"] > 1 and not self._warned:
+            self._warned = True
+            warnings.warn(f"pytest-ddpfault: the zygote runs {self._ready['threads']} threads after importing "
+                          f"{', '.join(self.preload)}; forking a threaded process can deadlock ranks. "
+                          f"Drop the module that starts threads from --ddp-preload, or use "
+                          f"--ddp-start-method spawn.", RuntimeWarning, stacklevel=2)
         return self._ready
 
     @property
