@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 
 from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault._procfs import listening_port_of
 from pytest_ddpfault.faults import KINDS
 from pytest_ddpfault.harness_faults import HarnessAction, register
 
@@ -118,36 +119,13 @@ class ToxiproxyServer:
         return f"<ToxiproxyServer {self.kind} at {self.url}>"
 
 
-def _listening_port_of(pid: int) -> int | None:
-    """The TCP port a process listens on, from /proc (for a server told to use port 0)."""
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        return None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == "0A" and cols[9] in inodes:
-                return int(cols[1].rsplit(":", 1)[1], 16)
-    return None
-
-
 def _start_binary(path: str) -> ToxiproxyServer:
     proc = subprocess.Popen([path, "-host", "127.0.0.1", "-port", "0"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = Deadline.after(SERVER_START_TIMEOUT)
     port = None
     while port is None and not deadline.expired() and proc.poll() is None:
-        port = _listening_port_of(proc.pid)
+        port = listening_port_of(proc.pid)
         if port is None:
             try:
                 proc.wait(0.05)  # a poll with a deadline: the server reports nothing else

@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 from pytest_ddpfault import env_plan
 from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault._procfs import descendants
 from pytest_ddpfault.harness import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
 from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
@@ -293,7 +294,7 @@ class _LaunchRun:
         """Stacks first (where the hook registered them), then kill the whole tree."""
         root = self.proc.pid
         self.ended_at = time.monotonic()
-        tree = [root, *_descendants(root)]
+        tree = [root, *descendants(root)]
         dumping = []
         for pid in tree:
             path = env_plan.stack_path(self.events_path, pid)
@@ -313,7 +314,7 @@ class _LaunchRun:
         _wait_for_stacks(dumping, Deadline.after(STACK_DUMP_BUDGET), pause)
         # Freeze the launcher so that it starts nothing new, then kill what it has.
         _signal_group(root, signal.SIGSTOP)
-        for pid in _descendants(root):
+        for pid in descendants(root):
             self.ended.add(pid)
             _kill_with_group(pid)
         _kill_with_group(root)
@@ -334,7 +335,7 @@ class _LaunchRun:
 
     def _cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:  # an error or Ctrl-C on the way
-            for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            for pid in [*descendants(self.proc.pid), self.proc.pid]:
                 _kill_with_group(pid)
             self.proc.wait(REAP_BUDGET)
             try:
@@ -460,31 +461,6 @@ def _spec_signal(spec: str) -> int:
 
 
 # --- processes from the outside ---------------------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def _descendants(root: int) -> list[int]:
-    seen, todo = [], _children(root)
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.append(pid)
-            todo.extend(_children(pid))
-    return seen
-
 
 def _signal(pid: int, sig: int) -> None:
     try:

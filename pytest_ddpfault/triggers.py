@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import threading
 import time
 

@@ -4,27 +4,10 @@ Used by the leak checks: nothing here mocks anything; it reads what the kernel s
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-TCP_LISTEN = "0A"
-
-
-def children_of(pid: int) -> set[int]:
-    """Live child processes of ``pid`` (every thread's children file)."""
-    out: set[int] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
-        except OSError:
-            continue
-        out.update(int(p) for p in text.split())
-    return out
+from pytest_ddpfault._procfs import children as children_of, listening_ports  # noqa: F401  (re-exported)
 
 
 def start_time(pid: int) -> int | None:
@@ -47,21 +30,6 @@ def is_alive(pid: int, started: int | None = None) -> bool:
     if fields[0] in ("Z", "X"):
         return False
     return started is None or int(fields[19]) == started
-
-
-def listening_ports() -> set[int]:
-    """Every TCP port some socket in this network namespace is listening on (v4 and v6)."""
-    ports: set[int] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == TCP_LISTEN:
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def poll(predicate, timeout: float, interval: float = 0.02):

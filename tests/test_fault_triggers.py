@@ -8,7 +8,6 @@ The rest run real groups, DDP included. Nothing in torch.distributed is mocked.
 """
 from __future__ import annotations
 
-import datetime
 import signal
 import time
 
@@ -17,19 +16,12 @@ import torch
 import torch.distributed as dist
 
 import pytest_ddpfault
+from _workloads import CLOSED, INJECTED, SHORT_PG, ddp_training, init_group
 from pytest_ddpfault import Fault
 
-PG = 2.0
-SHORT_PG = 1.0
-CLOSED = r"Connection closed by peer|reset by peer|Read error"
-INJECTED = "crash_rank injected by pytest-ddpfault"
 
 
 # -- functions run in the ranks ------------------------------------------------------
-def _init(pg_timeout: float = PG) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
-
-
 def _call(op: str) -> None:
     one = torch.ones(1)
     if op == "all_reduce":
@@ -52,7 +44,7 @@ def _call(op: str) -> None:
 
 def run_script(ops):
     """Performs ``ops`` in order; returns [(index, message)] of each injected crash caught."""
-    _init()
+    init_group()
     hits = []
     for i, op in enumerate(ops):
         try:
@@ -67,7 +59,7 @@ def run_script(ops):
 
 def timed_script(ops):
     """Performs ``ops``; returns the seconds each one took."""
-    _init()
+    init_group()
     took = []
     for op in ops:
         start = time.monotonic()
@@ -77,31 +69,8 @@ def timed_script(ops):
     return took
 
 
-def ddp_training(steps=5, pg_timeout=PG):
-    """A real DDP loop on a tiny model. The loop calls no all_reduce itself."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    _init(pg_timeout)
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(1, steps + 1):
-        pytest_ddpfault.step()
-        print(f"step {step} start", flush=True)
-        opt.zero_grad()
-        model(torch.ones(8, 4) * (dist.get_rank() + 1)).sum().backward()
-        opt.step()
-        print(f"step {step} done", flush=True)
-    total = model.module.weight.detach().sum().item()
-    # Drop DDP before the group: a DDP model freed right after destroy_process_group()
-    # can deadlock in gloo's teardown (see rank._let_gloo_threads_drop_their_work).
-    del model, opt
-    dist.destroy_process_group()
-    return total
-
-
 def what_the_rank_sees():
-    _init()
+    init_group()
     t = torch.ones(1) * (dist.get_rank() + 1)
     dist.all_reduce(t)
     seen = {"backend": dist.get_backend(), "world_backend": dist.get_backend(dist.group.WORLD),
@@ -114,14 +83,14 @@ def what_the_rank_sees():
 
 
 def backend_config_and_name():
-    _init()
+    init_group()
     seen = (dist.get_backend_config(), dist.group.WORLD.name())
     dist.destroy_process_group()
     return seen
 
 
 def gather_and_scatter_into_tensors():
-    _init()
+    init_group()
     ws, rank = dist.get_world_size(), dist.get_rank()
     gathered = torch.zeros(2 * ws)
     dist.all_gather_into_tensor(gathered, torch.ones(2) * (rank + 1))
@@ -132,7 +101,7 @@ def gather_and_scatter_into_tensors():
 
 
 def batch_p2p():
-    _init()
+    init_group()
     rank = dist.get_rank()
     other = 1 - rank
     got = torch.zeros(2)
@@ -144,7 +113,7 @@ def batch_p2p():
 
 
 def barrier_loop(seconds=4.0, pg_timeout=SHORT_PG):
-    _init(pg_timeout)
+    init_group(pg_timeout)
     end, n = time.monotonic() + seconds, 0
     while time.monotonic() < end:
         dist.barrier()
@@ -154,7 +123,7 @@ def barrier_loop(seconds=4.0, pg_timeout=SHORT_PG):
 
 
 def small_allreduces(seconds=4.0):
-    _init()
+    init_group()
     end, n = time.monotonic() + seconds, 0
     while time.monotonic() < end:
         dist.all_reduce(torch.ones(1))
@@ -172,7 +141,7 @@ def spin_in_python(seconds=4.0):
 
 def init_with_progress(pg_timeout=SHORT_PG):
     print("before init", flush=True)
-    _init(pg_timeout)
+    init_group(pg_timeout)
     print("after init", flush=True)
     dist.all_reduce(torch.ones(1))
     dist.destroy_process_group()
@@ -386,7 +355,7 @@ def test_init_trigger_fires_inside_init_process_group(ddp):
 
 
 @pytest.mark.ddp(world_size=1, timeout=8)
-def test_init_trigger_also_fires_in_the_harnesss_own_init(ddp):
+def test_init_trigger_also_fires_in_the_harnesss_owninit_group(ddp):
     res = ddp.run(lambda: dist.get_rank(), init=True, faults=Fault("crash_rank", rank=0, at="init",
                                                                   exc=ValueError, message="no group"))
     assert res[0].raised(ValueError, match="no group"), res.summary()

@@ -20,13 +20,9 @@ import torch
 import torch.distributed as dist
 
 import pytest_ddpfault
+from _workloads import CLOSED, INJECTED, PG, SHORT_PG, ddp_training, init_group
 from pytest_ddpfault import Fault
 
-PG = 2.0        # process-group timeout where a timeout is not the point of the test
-SHORT_PG = 1.0  # process-group timeout where the outcome is that timeout
-# What gloo says, at once, to the peers of a rank that died.
-CLOSED = r"Connection closed by peer|reset by peer|Read error"
-INJECTED = "crash_rank injected by pytest-ddpfault"
 
 
 class InjectedError(Exception):
@@ -34,13 +30,9 @@ class InjectedError(Exception):
 
 
 # -- functions run in the ranks ------------------------------------------------------
-def _init(pg_timeout: float) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
-
-
 def allreduce_once(pg_timeout=PG):
     """init, one all_reduce of rank+1, destroy; prints progress (flushed) as it goes."""
-    _init(pg_timeout)
+    init_group(pg_timeout)
     print("init done", flush=True)
     t = torch.ones(1) * (dist.get_rank() + 1)
     dist.all_reduce(t)
@@ -51,7 +43,7 @@ def allreduce_once(pg_timeout=PG):
 
 def timed_allreduce(pg_timeout=PG):
     """Returns (sum, seconds the rank's all_reduce took)."""
-    _init(pg_timeout)
+    init_group(pg_timeout)
     t = torch.ones(1) * (dist.get_rank() + 1)
     start = time.monotonic()
     dist.all_reduce(t)
@@ -62,36 +54,13 @@ def timed_allreduce(pg_timeout=PG):
 
 def timed_allreduces(n, pg_timeout=PG):
     """n all_reduces; returns the seconds the whole loop took in this rank."""
-    _init(pg_timeout)
+    init_group(pg_timeout)
     start = time.monotonic()
     for _ in range(n):
         dist.all_reduce(torch.ones(1))
     took = time.monotonic() - start
     dist.destroy_process_group()
     return took
-
-
-def ddp_training(steps=5, pg_timeout=PG):
-    """A real DistributedDataParallel loop on a tiny model; returns the weights' sum."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    _init(pg_timeout)
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(1, steps + 1):
-        pytest_ddpfault.step()
-        print(f"step {step} start", flush=True)
-        opt.zero_grad()
-        model(torch.ones(8, 4) * (dist.get_rank() + 1)).sum().backward()
-        opt.step()
-        print(f"step {step} done", flush=True)
-    total = model.module.weight.detach().sum().item()
-    # Drop DDP before the group: a DDP model freed right after destroy_process_group()
-    # can deadlock in gloo's teardown (see rank._let_gloo_threads_drop_their_work).
-    del model, opt
-    dist.destroy_process_group()
-    return total
 
 
 def step_then_return():
@@ -101,7 +70,7 @@ def step_then_return():
 
 def use_the_store(seconds=3.0):
     """Writes to the default store in a loop; an error says when it came."""
-    _init(PG)
+    init_group(PG)
     store = dist.distributed_c10d._get_default_store()
     start, n = time.monotonic(), 0
     try:
@@ -118,7 +87,7 @@ def retry_init_process_group(for_seconds=3.0):
     errors, end = [], time.monotonic() + for_seconds
     while True:
         try:
-            _init(SHORT_PG)
+            init_group(SHORT_PG)
             break
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
