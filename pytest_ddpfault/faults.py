@@ -809,6 +809,15 @@ def validate_plan(faults: Any, world_size: int) -> tuple[Fault, ...]:
     for name, n in counts.items():
         if n > 1 and KINDS[name].once_per_plan:
             raise FaultSpecError(f"a plan may hold one {name} only, got {n} in {format_plan(plan)!r}")
+    # A before-ranks kind (port_collision) makes rank 0 host the store itself: there is
+    # no harness store for store_down to take down, nor for a proxy to stand in front of.
+    own_store = sorted({f.kind for f in plan if f.definition.before_ranks})
+    needs_harness_store = sorted({f.kind for f in plan
+                                  if f.definition.harness_side and not f.definition.before_ranks})
+    if own_store and needs_harness_store:
+        raise FaultSpecError(f"{own_store[0]} cannot be combined with {', '.join(needs_harness_store)} in one "
+                             f"plan: with {own_store[0]} rank 0 hosts the store, so the harness has no store "
+                             f"to take down or proxy; use separate runs")
     return plan
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from pytest_ddpfault.faults import COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Trigger, format_plan
+from pytest_ddpfault.faults import (COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Trigger, format_plan,
+                                    validate_plan)
 
 __all__ = ["FaultPlan", "fault_plans", "faults", "triggers"]
 
@@ -134,4 +135,12 @@ def fault_plans(world_size: int, kinds=None, max_faults: int = 1, triggers=None,
     # kinds that must not appear twice (one MASTER_PORT): unique by kind for those
     plans = st.lists(one, min_size=0, max_size=max_faults,
                      unique_by=lambda f: f.kind if f.definition.once_per_plan else id(f))
-    return plans.map(FaultPlan)
+    return plans.filter(lambda p: _valid(p, world_size)).map(FaultPlan)
+
+
+def _valid(plan, world_size: int) -> bool:
+    try:
+        validate_plan(plan, world_size)
+    except FaultSpecError:
+        return False   # a combination no plan may hold (e.g. port_collision with store_down)
+    return True

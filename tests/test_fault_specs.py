@@ -577,3 +577,12 @@ def test_module_imports_neither_torch_nor_pytest():
                    "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytest'))")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_port_collision_cannot_share_a_plan_with_kinds_that_need_the_harness_store():
+    from pytest_ddpfault.faults import validate_plan
+
+    for other in ("store_down", "block_port", "latency(latency=10)"):
+        with pytest.raises(FaultSpecError, match=r"port_collision cannot be combined with .*rank 0 hosts the store"):
+            validate_plan(f"port_collision; {other}", 2)
+    validate_plan("port_collision; kill_rank(rank=1)", 2)   # in-rank kinds are fine

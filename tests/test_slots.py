@@ -1,6 +1,5 @@
 """--ddp-max-procs: a cap on rank processes across processes (xdist workers)."""
 import multiprocessing
-import os
 import time
 
 import pytest
