@@ -38,13 +38,18 @@ class ChildJob:
     extra: dict = field(default_factory=dict)
 
 
-def die_with_parent(expected_parent: int) -> None:
-    """SIGKILL this process when its parent dies (Linux); exit now if it already has."""
+def set_parent_death_signal() -> None:
+    """SIGKILL this process when its parent dies (Linux; elsewhere, a no-op)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the parent's own clean-up still applies
         pass
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """SIGKILL this process when its parent dies; exit now if it already has."""
+    set_parent_death_signal()
     if os.getppid() != expected_parent:  # the parent died before prctl took effect
         os._exit(BOOTSTRAP_FAILED)
 

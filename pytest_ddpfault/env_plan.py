@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_ddpfault import faults as _faults
+from pytest_ddpfault.child import set_parent_death_signal
 from pytest_ddpfault.faults import Fault, FaultSpecError
+from pytest_ddpfault.results import qualified_name
 
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
@@ -61,7 +63,6 @@ ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
 ANY_ATTEMPT = "*"
 BAD_PLAN_EXIT = 2          # exit code of a process whose plan (or event file) cannot be used
-_PR_SET_PDEATHSIG = 1
 
 
 class EnvPlanError(FaultSpecError):
@@ -292,7 +293,7 @@ class _Activation:
 
     def start(self) -> None:
         if self._die_with_parent:
-            _die_with_parent()
+            set_parent_death_signal()
         if self.events_path:
             self._register_stack_dump()
             self.events.send({"type": "process", "ppid": os.getppid(), "rank": self.env_rank,
@@ -326,7 +327,7 @@ class _Activation:
 
             self.events.send({
                 "type": "exception", "rank": self.current_rank(),
-                "exc_type": _qualname(exc_type), "exc_mro": [_qualname(c) for c in exc_type.__mro__],
+                "exc_type": qualified_name(exc_type), "exc_mro": [qualified_name(c) for c in exc_type.__mro__],
                 "message": str(exc), "traceback": "".join(traceback.format_exception(exc_type, exc, tb)),
             })
             previous(exc_type, exc, tb)
@@ -407,21 +408,6 @@ def _rank_from_call(signature, args: tuple, kwargs: dict) -> tuple[int | None, i
     if not isinstance(world_size, int) or world_size < 0:
         world_size = _env_int(os.environ, "WORLD_SIZE")
     return rank, world_size
-
-
-def _qualname(cls: type) -> str:
-    module = getattr(cls, "__module__", "builtins")
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the launcher's own clean-up still applies
-        pass
 
 
 class _TorchWatch:

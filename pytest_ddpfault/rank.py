@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cloudpickle
 
 from pytest_ddpfault._events import EventSink
+from pytest_ddpfault.results import qualified_name
 
 
 @dataclass
@@ -30,11 +31,6 @@ class RankTask:
     events_path: str
 
 
-def _qualname(cls: type) -> str:
-    module = getattr(cls, "__module__", "builtins")
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-
-
 def exception_record(exc: BaseException) -> dict:
     try:
         blob = cloudpickle.dumps(exc)
@@ -44,8 +40,8 @@ def exception_record(exc: BaseException) -> dict:
     return {
         "status": "raised",
         "exc_blob": blob,
-        "exc_type": _qualname(type(exc)),
-        "exc_mro": [_qualname(c) for c in type(exc).__mro__],
+        "exc_type": qualified_name(type(exc)),
+        "exc_mro": [qualified_name(c) for c in type(exc).__mro__],
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
     }
