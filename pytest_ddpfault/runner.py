@@ -1,6 +1,7 @@
 """The object behind the ``ddp`` fixture; usable without pytest as well."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
@@ -60,11 +61,16 @@ class DDP:
         from pytest_ddpfault.torchrun import run_torchrun
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
-        result = run_torchrun(script_or_module, *args, nproc=self.world_size if nproc is None else nproc,
-                              max_restarts=max_restarts, faults=self.faults if faults is _UNSET else faults,
-                              timeout=limit, env=env, **options)
+        nproc = self.world_size if nproc is None else nproc
+        with self._slots(nproc + 1):  # the workers and the agent
+            result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
+                                  faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
+                                  **options)
         self.results.append(result)
         return result
+
+    def _slots(self, n: int):
+        return self.slots.hold(n) if self.slots is not None else contextlib.nullcontext()
 
     def _set_proxy(self, proxy) -> None:
         self.store_proxy = proxy
