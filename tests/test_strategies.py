@@ -1,10 +1,7 @@
 """Hypothesis strategies of fault plans: validity, shrinking, replay, and real properties."""
-import datetime
 import signal
 
 import pytest
-import torch
-import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +9,8 @@ import pytest_ddpfault.strategies as strategies
 from pytest_ddpfault import Fault
 from pytest_ddpfault.faults import KINDS, parse_plan
 from pytest_ddpfault.strategies import fault_plans, faults, triggers
+
+from _workloads import ddp_training
 
 RANK_KINDS = ["kill_rank", "crash_rank", "hang_rank", "delay"]
 
@@ -92,29 +91,13 @@ def test_bad_arguments_say_what_is_allowed():
 
 # -- properties over real groups ------------------------------------------------------
 
-def train_steps(steps=4):
-    import pytest_ddpfault
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(steps):
-        pytest_ddpfault.step()
-        opt.zero_grad()
-        model(torch.randn(4, 4)).sum().backward()
-        opt.step()
-    dist.destroy_process_group()
-    return "done"
-
-
 @settings(max_examples=6, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=fault_plans(3, kinds=RANK_KINDS, triggers=triggers(ops=["collective", "all_reduce"],
                                                                  forms=("op", "step"), max_call=4)))
 @pytest.mark.ddp(world_size=3, timeout=15)
 def test_training_finishes_or_fails_cleanly_under_any_rank_fault(ddp, plan):
-    res = ddp.run(train_steps, faults=plan)
+    res = ddp.run(ddp_training, 4, 1.0, faults=plan)
     # the property a user writes: nobody hangs past the harness (frozen ranks aside),
     # and every survivor either finished or raised
     for r in res.survivors:
