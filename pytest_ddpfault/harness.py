@@ -246,7 +246,8 @@ class GroupRun:
             for obj in self.launcher.selectables():
                 sel.register(obj, selectors.EVENT_READ)
             sel.register(self.inbox, selectors.EVENT_READ)
-            sel.select(until.remaining())
+            # an exit read earlier (between "spawned" replies) wakes nothing: don't wait for it
+            sel.select(0 if self.launcher.has_pending_exits() else until.remaining())
         finally:
             sel.close()
         for ex in self.launcher.exits():

@@ -192,6 +192,10 @@ class ZygoteLauncher:
     def selectables(self) -> list:
         return [self.sock]
 
+    def has_pending_exits(self) -> bool:
+        """Exits already read (while waiting for something else) but not handed out."""
+        return bool(self._exits)
+
     def exits(self, deadline: Deadline | None = None) -> list[ChildExit]:
         """Exits reported so far; reads what the socket has (waiting at most until ``deadline``)."""
         self._read_frames(deadline or Deadline(0))
@@ -250,6 +254,9 @@ class SpawnLauncher:
 
     def selectables(self) -> list:
         return [fd for _, fd in self._procs.values()]
+
+    def has_pending_exits(self) -> bool:
+        return bool(self._exits)
 
     def exits(self, deadline: Deadline | None = None) -> list[ChildExit]:
         fds = {fd: pid for pid, (_, fd) in self._procs.items()}

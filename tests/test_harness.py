@@ -285,3 +285,16 @@ def test_ranks_of_a_finished_run_are_gone(zygote_pid):
     assert len(set(pids)) == 4 and os.getpid() not in pids
     assert not any(is_alive(p) for p in pids)
     assert children_of(zygote_pid) == set()
+
+
+@pytest.mark.ddp(world_size=8)
+def test_ranks_that_all_die_at_once_end_the_run_at_once(ddp):
+    # every rank is gone within milliseconds of its fork, possibly before the harness
+    # has even read that it started: the run must still end now, not at its deadline
+    import os as _os
+
+    for _ in range(5):
+        res = ddp.run(_os._exit, 7, timeout=30)
+        assert [r.status for r in res] == ["exited"] * ddp.world_size
+        assert all(r.exit_code == 7 for r in res)
+        assert res.duration < 5
