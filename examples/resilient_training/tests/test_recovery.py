@@ -85,3 +85,33 @@ def test_training_does_not_need_the_store_after_init(ddp, cfg):
     for r in res:
         if r.status == "raised":
             assert r.raised(dist.DistError, RuntimeError)
+
+
+@pytest.mark.ddp(world_size=2, fault="reset_peer(timeout=0, duration=1)", timeout=30)
+def test_init_retry_survives_connection_resets(ddp, cfg):
+    ddp.run(train, cfg).assert_all_ok()
+
+
+@pytest.mark.ddp(world_size=2, fault="limit_data(bytes=16, duration=1)", timeout=30)
+def test_a_store_connection_cut_after_connecting_is_not_retried(ddp, cfg):
+    # A known gap of the store-level retry: the first bytes pass, so TCPStore() succeeds
+    # and the retry loop is over; the cut then hits init_process_group's own rendezvous,
+    # which does not retry. The job fails fast and clearly instead of hanging.
+    res = ddp.run(train, cfg)
+    res.assert_survivors_raised(dist.DistNetworkError, match="Connection was likely closed", within=5)
+
+
+@pytest.mark.ddp(world_size=2, fault="blackhole(duration=1)", timeout=30)
+def test_init_retry_survives_a_store_that_swallows_data(ddp, cfg):
+    # each store attempt times out after store_timeout (1 s); the next one gets through
+    ddp.run(train, cfg).assert_all_ok()
+
+
+@pytest.mark.ddp(world_size=2, fault="bandwidth(rate=5)", timeout=60)
+def test_a_thin_store_link_is_only_slower(ddp, cfg):
+    ddp.run(train, cfg).assert_all_ok()
+
+
+@pytest.mark.ddp(world_size=2, fault="slow_close(delay=300)", timeout=30)
+def test_slow_closes_are_harmless(ddp, cfg):
+    ddp.run(train, cfg).assert_all_ok()
