@@ -14,7 +14,7 @@ import pytest
 
 from pytest_ddpfault.settings import (
     DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
-    check_start_method, marker_settings, parse_preload, parse_timeout,
+    check_preload, check_start_method, marker_settings, parse_preload, parse_timeout,
 )
 
 HELP_TIMEOUT = "deadline in seconds for one ddp.run when the marker sets none (default 60)"
@@ -96,7 +96,7 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
 
     timeout, src = pick("ddp_timeout", "DDPFAULT_TIMEOUT")
     method, msrc = pick("ddp_start_method", "DDPFAULT_START_METHOD")
-    preload, _ = pick("ddp_preload", "DDPFAULT_PRELOAD")
+    preload, presrc = pick("ddp_preload", "DDPFAULT_PRELOAD")
     max_procs, psrc = pick("ddp_max_procs", "DDPFAULT_MAX_PROCS")
     url, _ = pick("toxiproxy_url", "TOXIPROXY_URL")
     if max_procs is not None:
@@ -109,7 +109,7 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
     return SessionSettings(
         timeout=parse_timeout(timeout, src) if timeout is not None else DEFAULT_TIMEOUT,
         start_method=check_start_method(method, msrc) if method is not None else "forkserver",
-        preload=parse_preload(preload),
+        preload=check_preload(parse_preload(preload), presrc),
         max_procs=max_procs,
         toxiproxy_url=url or None,
     )

@@ -4,6 +4,7 @@ Kept apart from plugin.py so that validation can be used (and tested) without py
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -47,6 +48,18 @@ def check_start_method(value: str, source: str) -> str:
 
 def parse_preload(text: str | None) -> tuple[str, ...]:
     return tuple(m.strip() for m in (text or "").split(",") if m.strip())
+
+
+def check_preload(modules: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """Fail early on a module that cannot exist. Only the top-level package is looked up:
+    finding a submodule would import its parents (torch) into the pytest process; the
+    zygote reports a failing submodule import at the first run."""
+    for name in modules:
+        top = name.split(".", 1)[0]
+        if not top.isidentifier() or importlib.util.find_spec(top) is None:
+            raise SettingsError(f"preload module {name!r} from {source}: no module named {top!r} "
+                                f"(expected comma-separated importable module names)")
+    return modules
 
 
 @dataclass(frozen=True)

@@ -188,11 +188,16 @@ def test_bad_preload_module_is_a_clear_error(pytester):
 def test_run(ddp):
     ddp.run(allreduce_once)
 ''')
+    # a module that cannot exist: a usage error before anything starts
     result = pytester.runpytest_subprocess("--ddp-preload=no_such_module_ddpf", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*preload module 'no_such_module_ddpf' from --ddp-preload: no module named*"])
+    # a submodule that fails to import is found by the zygote: the run says which and why
+    result = pytester.runpytest_subprocess("--ddp-preload=json.no_such_sub_ddpf", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "--ddp-preload" in out
-    assert "no_such_module_ddpf" in out
+    assert "json.no_such_sub_ddpf" in out
     assert "ModuleNotFoundError" in out
 
 
