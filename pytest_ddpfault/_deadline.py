@@ -4,10 +4,6 @@ from __future__ import annotations
 import time
 
 
-class DeadlineExpired(TimeoutError):
-    pass
-
-
 class Deadline:
     """A point in ``time.monotonic()`` time; ``Deadline.after(s)`` is ``s`` seconds from now."""
 

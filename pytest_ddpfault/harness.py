@@ -34,6 +34,7 @@ from pytest_ddpfault.child import ChildJob
 from pytest_ddpfault.harness_faults import action_for
 from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
+from pytest_ddpfault.settings import check_timeout, check_world_size
 
 SETUP_BUDGET = 60.0        # store start-up, before the run's own clock starts
 STACK_DUMP_BUDGET = 3.0    # for every live rank to write its stacks at the deadline
@@ -61,10 +62,8 @@ class RunConfig:
     slots: object = None       # slots.ProcessSlots capping rank processes across workers
 
     def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        check_world_size(self.world_size, "RunConfig")
+        check_timeout(self.timeout, "RunConfig")
 
 
 @dataclass
@@ -154,11 +153,6 @@ class GroupRun:
         if self.store is not None and self.store.exit is None:
             self.store.ended_by_harness = "store_down"
             self.launcher.signal(self.store.pid, signal.SIGKILL)
-
-    def signal_rank(self, rank: int, sig: int) -> None:
-        proc = self.ranks[rank]
-        if proc.exit is None:
-            self.launcher.signal(proc.pid, sig)
 
     # -- start ------------------------------------------------------------------
     def _paths(self, stem: str) -> dict:

@@ -9,7 +9,6 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-STATUSES = ("ok", "raised", "killed", "exited", "hung")
 _TAIL_LINES = 20
 
 

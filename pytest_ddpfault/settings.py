@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pytest_ddpfault import faults as _faults
 
@@ -82,7 +82,6 @@ class MarkerSettings:
     timeout: float = DEFAULT_TIMEOUT
     backend: str = "gloo"
     proxy: bool = False
-    explicit: frozenset = field(default_factory=frozenset)  # keys the marker set
 
 
 def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> MarkerSettings:
@@ -112,4 +111,4 @@ def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> Mark
         _faults.validate_plan(plan, world_size)
     except _faults.FaultSpecError as exc:
         raise SettingsError(f"fault {values.get('fault')!r} from marker: {exc}") from None
-    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy, frozenset(values))
+    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy)
