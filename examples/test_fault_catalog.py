@@ -143,6 +143,10 @@ def timed_init():
     start = time.monotonic()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=10))
     took = time.monotonic() - start
+    # init can return in one rank while gloo is still connecting the other's pairs:
+    # destroying the group at once would close them under it ("Connection closed by
+    # peer"). A barrier is where both know the mesh is complete.
+    dist.barrier()
     dist.destroy_process_group()
     return took
 

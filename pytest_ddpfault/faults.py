@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from pytest_ddpfault.errors import FaultSpecError
+
 __all__ = [
     "CAPABILITIES", "COLLECTIVE_OPS", "FAULT_KIND_NAMES", "KINDS", "KNOWN_OPS", "Fault",
     "FaultKind", "FaultSpecError", "Param", "Trigger", "TriggerCounter", "faulted_ranks",
@@ -34,13 +36,17 @@ __all__ = [
 ]
 
 
-class FaultSpecError(ValueError):
-    """A fault spec, trigger or fault argument that is not valid; the message says what is."""
-
-
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _missing_hash(word: str) -> str:
+    """``step3`` / ``all_reduce2``: the call number without its ``#``."""
+    m = re.fullmatch(r"(\w*?)_?(\d+)", word)
+    if m and m.group(1) in KNOWN_OPS | {"step"}:
+        return f" (did you mean '{m.group(1)}#{m.group(2)}'?)"
+    return ""
 
 
 def _show(value: Any) -> str:
@@ -83,7 +89,7 @@ class Trigger:
                 or (self.n is not None) != counted or (self.seconds is not None) != (self.kind == "time"):
             raise FaultSpecError(f"not a trigger: {self!r}; triggers are {_ALL_FORMS}")
         if self.kind == "op" and self.op not in KNOWN_OPS:
-            hint = _did_you_mean(str(self.op), KNOWN_OPS | {"init", "step"})
+            hint = _missing_hash(str(self.op)) or _did_you_mean(str(self.op), KNOWN_OPS | {"init", "step"})
             raise FaultSpecError(f"unknown op {self.op!r}{hint}; triggers are {_ALL_FORMS}; "
                                  f"OP is one of: {', '.join(sorted(KNOWN_OPS))}")
         if counted and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):

@@ -16,7 +16,6 @@ import heapq
 import itertools
 import os
 import pickle
-import re
 import selectors
 import shutil
 import signal
@@ -29,8 +28,10 @@ from typing import Callable
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault._deadline import Deadline
 from pytest_ddpfault._events import EventInbox
+from pytest_ddpfault._frames import hide_in_stack
 from pytest_ddpfault._pickling import dumps_call
 from pytest_ddpfault.child import ChildJob
+from pytest_ddpfault.errors import HarnessError
 from pytest_ddpfault.harness_faults import action_for
 from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
@@ -41,10 +42,6 @@ STACK_DUMP_BUDGET = 3.0    # for every live rank to write its stacks at the dead
 STACK_DUMP_SETTLE = 0.3    # a dump is complete once its file stopped growing this long
 REAP_BUDGET = 10.0         # for killed processes to be reported gone
 OUTPUT_LIMIT = 1 << 20     # bytes of stdout/stderr kept per rank (the tail)
-
-
-class HarnessError(RuntimeError):
-    """The harness itself could not run the group (not a failure of the user's code)."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +346,7 @@ class GroupRun:
                         r.exc = None
         elif p.ended_by_harness:
             r.status, r.note = "hung", p.ended_by_harness
-            r.stack = _trim_stack(_read_tail(p.stack_path)) or None
+            r.stack = hide_in_stack(_read_tail(p.stack_path)) or None
         elif p.exit is not None and p.exit.signal is not None:
             r.status = "killed"
         else:
@@ -366,23 +363,34 @@ class GroupRun:
 
     # -- clean-up ---------------------------------------------------------------
     def _cleanup(self) -> None:
-        procs = [p for p in [*self.ranks, self.store] if p is not None and p.exit is None]
-        if self.launcher is not None:
-            for p in procs:
-                self.launcher.signal(p.pid, signal.SIGCONT)
-                self.launcher.signal(p.pid, signal.SIGKILL)
-            try:
-                self._reap(procs, Deadline.after(REAP_BUDGET))
-            finally:
-                self.launcher.end_run()
-        for action in self.actions:
-            action.cleanup()
+        """Every step runs even if an earlier one raised; the first error is raised last."""
+        steps = [self._kill_leftovers, *(action.cleanup for action in self.actions)]
         if self.store_proxy is not None:
-            self.store_proxy.close()
+            steps.append(self.store_proxy.close)
         if self.inbox is not None:
-            self.inbox.close()
+            steps.append(self.inbox.close)
         if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            steps.append(lambda: shutil.rmtree(self.dir, ignore_errors=True))
+        first = None
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # not BaseException: Ctrl-C still stops the clean-up
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def _kill_leftovers(self) -> None:
+        procs = [p for p in [*self.ranks, self.store] if p is not None and p.exit is None]
+        if self.launcher is None:
+            return
+        for p in procs:
+            self.launcher.signal(p.pid, signal.SIGCONT)
+            self.launcher.signal(p.pid, signal.SIGKILL)
+        try:
+            self._reap(procs, Deadline.after(REAP_BUDGET))
+        finally:
+            self.launcher.end_run()
 
 
 def _wait_for_stacks(procs: list[_Proc], until: Deadline, pump: Callable[[], None]) -> None:
@@ -421,14 +429,6 @@ def _read_tail(path: str, limit: int = OUTPUT_LIMIT) -> str:
         return ""
 
 
-_OWN_FRAMES = re.compile(r'File "(<frozen runpy>|.*pytest_ddpfault[/\\](rank|child|zygote)\.py)"')
-
-
-def _trim_stack(text: str) -> str:
-    """Drop the harness's own frames (zygote, bootstrap) below the user's code."""
-    return "\n".join(line for line in text.splitlines() if not _OWN_FRAMES.search(line))
-
-
 def _load_result(path: str) -> dict | None:
     if not path:
         return None
@@ -454,6 +454,8 @@ def run_group(fn: Callable, *args, world_size: int = 2, faults=None, timeout: fl
               start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
               toxiproxy=None, **kwargs) -> GroupResult:
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
+    check_world_size(world_size, "run_group(world_size=...)")
+    check_timeout(timeout, "run_group(timeout=...)")
     config = RunConfig(world_size=world_size, faults=tuple(_faults.parse_plan(faults)), timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
                        preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy)

@@ -27,6 +27,7 @@ MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of 
 
 _settings_key = pytest.StashKey["SessionSettings"]()
 _results_key = pytest.StashKey[list]()
+_marker_error_key = pytest.StashKey[str]()
 _slots_key = pytest.StashKey[object]()
 _SLOTS_INPUT = "ddpfault_slots_dir"
 _REPORTED_RUNS = 3
@@ -119,20 +120,34 @@ def _marker(node):
     return node.get_closest_marker("ddp")
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Bad marker arguments fail at collection, naming the test and the value."""
-    marker = _marker(metafunc.definition)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Bad marker arguments are found at collection, naming the test and the value; the
+    test then fails on its own (at set-up), so one bad marker neither stops the rest of
+    its file nor hides the next bad one."""
+    marker = _marker(item)
     if marker is None:
         return
     try:
-        marker_settings(marker.args, marker.kwargs, metafunc.config.stash[_settings_key])
-        return
+        marker_settings(marker.args, marker.kwargs, item.config.stash[_settings_key])
     except SettingsError as exc:
-        error = str(exc)
-    pytest.fail(f"{metafunc.definition.nodeid}: {error}", pytrace=False)
+        item.stash[_marker_error_key] = f"{item.nodeid}: {exc}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    error = item.stash.get(_marker_error_key, None)
+    if error is not None:
+        pytest.fail(error, pytrace=False)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    bad = [item.stash[_marker_error_key] for item in session.items if _marker_error_key in item.stash]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if bad and reporter is not None:
+        reporter.write_line(f"pytest-ddpfault: {len(bad)} test(s) with a bad @pytest.mark.ddp "
+                            "(each fails at set-up):", yellow=True)
+        for line in bad:
+            reporter.write_line(f"  {line}", yellow=True)
     settings = session.config.stash[_settings_key]
     if settings.start_method != "forkserver" or session.config.option.collectonly:
         return

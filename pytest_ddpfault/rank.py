@@ -10,12 +10,12 @@ import os
 import pickle
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import cloudpickle
 
 from pytest_ddpfault._events import EventSink
+from pytest_ddpfault._frames import format_exception
 from pytest_ddpfault.results import qualified_name
 
 
@@ -43,7 +43,7 @@ def exception_record(exc: BaseException) -> dict:
         "exc_type": qualified_name(type(exc)),
         "exc_mro": [qualified_name(c) for c in type(exc).__mro__],
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": format_exception(exc),
     }
 
 

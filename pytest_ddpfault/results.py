@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 _TAIL_LINES = 20
+# "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] ...": torch's
+# and gloo's C++ errors start with the build machine's path; the file name is enough.
+_BUILD_PATH = re.compile(r"\[(?:[^\]\s]*[/\\])([^/\\\]\s]+:\d+)\]")
+
+
+def strip_build_paths(text: str) -> str:
+    """``[/__w/.../gloo/transport/tcp/pair.cc:553] Connection closed`` -> ``[pair.cc:553] ...``."""
+    return _BUILD_PATH.sub(r"[\1]", text)
 
 
 def signal_name(sig: int | None) -> str:
@@ -67,6 +75,11 @@ class RankResult:
     stack: str | None = None
     note: str = ""                  # why the harness ended it, for hung ranks
 
+    @property
+    def ok(self) -> bool:
+        """Did the rank return? (``value`` is None both for ``return None`` and a failure.)"""
+        return self.status == "ok"
+
     def raised(self, *exc_types: type, match: str | None = None) -> bool:
         """Did the rank raise one of ``exc_types`` (by class MRO; any if none given)?"""
         if self.status != "raised":
@@ -83,7 +96,7 @@ class RankResult:
         if self.status == "ok":
             return f"returned {self._short(repr(self.value))}"
         if self.status == "raised":
-            first = (self.message or "").strip().splitlines()
+            first = strip_build_paths(self.message or "").strip().splitlines()
             return f"{self.exc_type}: {self._short(first[0] if first else '')}"
         if self.status == "killed":
             return f"died of {signal_name(self.signal)}"

@@ -6,7 +6,7 @@ from typing import Callable
 
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.results import GroupResult
-from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, check_world_size
 
 _UNSET = object()
 
@@ -20,7 +20,7 @@ class DDP:
     def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
                  backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
                  preload: tuple = (), toxiproxy=None, slots=None) -> None:
-        self.world_size = world_size
+        self.world_size = check_world_size(world_size, "DDP(world_size=...)")
         self.faults: tuple = tuple(_faults.parse_plan(faults))
         _faults.validate_plan(self.faults, world_size)
         self.timeout = timeout

@@ -9,16 +9,13 @@ import math
 from dataclasses import dataclass
 
 from pytest_ddpfault import faults as _faults
+from pytest_ddpfault.errors import SettingsError
 
 START_METHODS = ("forkserver", "spawn")
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_WORLD_SIZE = 2
 MARKER_SIGNATURE = "ddp(world_size, fault=None, timeout=60.0, backend='gloo', proxy=False)"
 MARKER_KEYS = ("world_size", "fault", "timeout", "backend", "proxy")
-
-
-class SettingsError(ValueError):
-    pass
 
 
 def check_timeout(value, source: str) -> float:

@@ -40,6 +40,7 @@ from types import SimpleNamespace
 from pytest_ddpfault import env_plan
 from pytest_ddpfault._deadline import Deadline
 from pytest_ddpfault._procfs import descendants
+from pytest_ddpfault.errors import TorchrunError
 from pytest_ddpfault.harness import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
 from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
@@ -56,10 +57,6 @@ _OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_pl
 # The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
-
-
-class TorchrunError(RuntimeError):
-    """The run could not be started (not a failure of the script)."""
 
 
 # --- results -----------------------------------------------------------------------------

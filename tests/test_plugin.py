@@ -67,7 +67,7 @@ def test_a_session_without_ddp_tests_starts_no_zygote(pytester):
     result.assert_outcomes(passed=1)
 
 
-# -- marker validation at collection --------------------------------------------------
+# -- marker validation: found at collection, each fails its own test --------------------------------------------------
 BAD_MARKERS = {
     "ws_zero": ("world_size=0", "world_size 0"),
     "ws_negative": ("world_size=-1", "world_size -1"),
@@ -83,31 +83,50 @@ BAD_MARKERS = {
 }
 
 
-def test_bad_marker_arguments_fail_at_collection_naming_test_and_value(pytester):
-    for name, (args, _) in BAD_MARKERS.items():
-        pytester.makepyfile(**{f"test_{name}": f'''
-            import pytest
+def test_each_bad_marker_fails_its_own_test_naming_test_and_value(pytester):
+    # all in one file, with a good test among them: one run reports every mistake
+    tests = "\n".join(f'''
+@pytest.mark.ddp({args})
+def test_{name}(ddp):
+    pass
+''' for name, (args, _) in BAD_MARKERS.items())
+    pytester.makepyfile(test_markers=f'''
+import pytest
+{tests}
 
-            @pytest.mark.ddp({args})
-            def test_it(ddp):
-                pass
-        '''})
-    pytester.makepyfile(test_good='''
+@pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1)", timeout=5)
+def test_good(ddp):
+    pass
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=len(BAD_MARKERS))
+    errors = _sections(result.stdout.str(), "ERROR at setup of ")
+    assert set(errors) == {f"test_{name}" for name in BAD_MARKERS}, result.stdout.str()
+    for name, (_, bad) in BAD_MARKERS.items():
+        body = errors[f"test_{name}"]
+        assert f"test_markers.py::test_{name}" in body, body
+        assert bad in body, f"{name}: {bad!r} not in {body!r}"
+        assert "Traceback" not in body and "plugin.py" not in body, body
+    assert "kill_rank" in errors["test_unknown_kind"]  # suggests the nearest kind
+
+
+def test_bad_markers_are_listed_at_collection(pytester):
+    pytester.makepyfile(test_two='''
         import pytest
 
-        @pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1)", timeout=5)
-        def test_it(ddp):
+        @pytest.mark.ddp(world_size=0)
+        def test_a(ddp):
+            pass
+
+        @pytest.mark.ddp(world_size=2, fault="kil_rank")
+        def test_b(ddp):
             pass
     ''')
     result = pytester.runpytest("--collect-only", "-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.INTERRUPTED
-    errors = _sections(result.stdout.str(), "ERROR collecting ")
-    assert set(errors) == {f"test_{name}.py" for name in BAD_MARKERS}, result.stdout.str()
-    for name, (_, bad) in BAD_MARKERS.items():
-        body = errors[f"test_{name}.py"]
-        assert f"test_{name}.py::test_it" in body, body
-        assert bad in body, f"{name}: {bad!r} not in {body!r}"
-    assert "kill_rank" in errors["test_unknown_kind.py"]  # suggests the nearest kind
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*2 test(s) with a bad @pytest.mark.ddp*",
+                                 "*test_two.py::test_a: world_size 0*",
+                                 "*test_two.py::test_b: fault 'kil_rank'*"])
 
 
 def test_a_bad_fault_in_a_class_method_names_the_method(pytester):
@@ -119,8 +138,8 @@ def test_a_bad_fault_in_a_class_method_names_the_method(pytester):
             def test_m(self, ddp):
                 pass
     ''')
-    result = pytester.runpytest("--collect-only", "-p", "no:cacheprovider")
-    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*test_cls.py::TestGroup::test_m*rank 2*"])
 
 

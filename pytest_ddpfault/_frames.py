@@ -1,0 +1,53 @@
+"""The harness's own frames, hidden from what users read (as pytest hides its own).
+
+A traceback or stack of a rank runs through the bootstrap, the trigger wrappers and the
+fault kinds before it reaches the user's code or torch. Those frames are ours, not the
+user's: they are left out of ``RankResult.traceback`` and ``.stack``. Set
+``DDPFAULT_SHOW_INTERNAL_FRAMES=1`` to see them (when debugging the plugin itself).
+Frames are recognised by the package's own directory, not by file names.
+"""
+from __future__ import annotations
+
+import os
+import re
+import traceback
+
+ENV_SHOW = "DDPFAULT_SHOW_INTERNAL_FRAMES"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Below the user's code in a rank: the interpreter's own start-up of the child.
+_BOOTSTRAP_FILES = ("<frozen runpy>",)
+# a frame line of faulthandler ('  File "x.py", line 3 in f') or of traceback ('  File "x.py", line 3, in f')
+_FRAME_LINE = re.compile(r'^\s*File "([^"]+)", line \d+')
+
+
+def showing_internals() -> bool:
+    return os.environ.get(ENV_SHOW, "") not in ("", "0")
+
+
+def is_internal(filename: str) -> bool:
+    return filename.startswith(PACKAGE_DIR) or filename in _BOOTSTRAP_FILES
+
+
+def format_exception(exc: BaseException) -> str:
+    """``traceback.format_exception`` without the harness's frames (chained ones too)."""
+    te = traceback.TracebackException.from_exception(exc)
+    if not showing_internals():
+        seen = set()
+        todo = [te]
+        while todo:
+            t = todo.pop()
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            kept = [f for f in t.stack if not is_internal(f.filename)]
+            t.stack = traceback.StackSummary.from_list(kept)
+            todo += [t.__cause__, t.__context__, *(getattr(t, "exceptions", None) or [])]
+    return "".join(te.format())
+
+
+def hide_in_stack(text: str) -> str:
+    """Drop the harness's frames from a faulthandler dump (one line per frame)."""
+    if showing_internals():
+        return text
+    return "\n".join(line for line in text.splitlines()
+                     if not ((m := _FRAME_LINE.match(line)) and is_internal(m.group(1))))

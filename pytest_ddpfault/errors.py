@@ -1,0 +1,28 @@
+"""The errors users may catch, in one light module (no torch), re-exported by the package.
+
+- ``FaultSpecError``: a fault spec, trigger or fault argument that is not valid.
+- ``SettingsError``: a bad marker argument, option or ``run_group``/``ddp.run`` argument.
+- ``HarnessError``: the harness itself could not run the group (not a failure of user code).
+- ``TorchrunError``: a launched run (``ddp.torchrun``, ``run_script``) could not be started.
+
+Every message names the bad value, where it came from, and what is allowed.
+"""
+from __future__ import annotations
+
+__all__ = ["FaultSpecError", "HarnessError", "SettingsError", "TorchrunError"]
+
+
+class FaultSpecError(ValueError):
+    """A fault spec, trigger or fault argument that is not valid; the message says what is."""
+
+
+class SettingsError(ValueError):
+    """A setting (marker argument, option, run argument) that is not valid."""
+
+
+class HarnessError(RuntimeError):
+    """The harness itself could not run the group (not a failure of the user's code)."""
+
+
+class TorchrunError(RuntimeError):
+    """The run could not be started (not a failure of the script)."""
