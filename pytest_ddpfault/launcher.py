@@ -110,6 +110,9 @@ class ZygoteLauncher:
         self._exits: list[ChildExit] = []
         self._ready: dict | None = None
         self._warned = False
+        self.started_at = time.monotonic()
+        self.start_seconds: float | None = None   # from start to ready
+        self.waited_seconds = 0.0                 # how long a run blocked waiting for it
         sweep_stale_files()
         self._log = tempfile.NamedTemporaryFile(prefix=f"{ZYGOTE_LOG_PREFIX}{os.getpid()}-", suffix=".log",
                                                 delete=False)
@@ -149,6 +152,7 @@ class ZygoteLauncher:
         return f"; its output:\n{text}" if text.strip() else ""
 
     def wait_ready(self, deadline: Deadline) -> dict:
+        waiting_since = time.monotonic()
         while self._ready is None:
             if deadline.expired():
                 raise LauncherError(
@@ -157,6 +161,8 @@ class ZygoteLauncher:
             for name, payload in self._read_frames(deadline):
                 if name == "ready":
                     self._ready = payload
+                    now = time.monotonic()
+                    self.start_seconds, self.waited_seconds = now - self.started_at, now - waiting_since
         if self._ready["errors"]:
             bad = "\n".join(f"--- {m}:\n{tb}" for m, tb in self._ready["errors"].items())
             raise LauncherError(f"--ddp-preload: these modules failed to import in the zygote:\n{bad}")
@@ -315,6 +321,19 @@ def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = ()):
     z = _zygotes[preload]
     z.wait_ready(Deadline.after(ZYGOTE_START_TIMEOUT))
     return z
+
+
+def start_report() -> str:
+    """One line on the zygotes' start-up, for the end of a pytest session ("" if none started)."""
+    parts = []
+    for z in list(_zygotes.values()):
+        if z.start_seconds is None:
+            continue
+        parts.append(f"the rank zygote started in {z.start_seconds:.1f} s (importing torch and the preload set)")
+        if z.waited_seconds >= 0.05:
+            parts[-1] += (f"; the first test that ran ranks waited {z.waited_seconds:.1f} s for it, "
+                          "and its duration includes that wait")
+    return "; ".join(parts)
 
 
 def shutdown_all() -> None:

@@ -12,18 +12,28 @@ import tempfile
 
 import pytest
 
+from pytest_ddpfault._frames import ENV_SHOW as ENV_SHOW_INTERNAL_FRAMES
 from pytest_ddpfault.settings import (
     DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
     check_preload, check_start_method, marker_settings, parse_preload, parse_timeout,
 )
 
-HELP_TIMEOUT = "deadline in seconds for one ddp.run when the marker sets none (default 60)"
-HELP_START_METHOD = "how rank processes start: forkserver (warm zygote, default) or spawn"
-HELP_PRELOAD = "comma-separated modules to import in the zygote before ranks fork"
-HELP_MAX_PROCS = "cap on rank processes running at once across pytest-xdist workers"
-HELP_TOXIPROXY_URL = "use the Toxiproxy server at this URL (else toxiproxy-server on PATH, else the embedded one)"
+HELP_TIMEOUT = ("deadline in seconds for one ddp.run when the marker sets none "
+                f"(default {DEFAULT_TIMEOUT:g}; env DDPFAULT_TIMEOUT)")
+HELP_START_METHOD = ("how rank processes start: forkserver (warm zygote, default) or spawn "
+                     "(env DDPFAULT_START_METHOD)")
+HELP_PRELOAD = "comma-separated modules to import in the zygote before ranks fork (env DDPFAULT_PRELOAD)"
+HELP_MAX_PROCS = ("cap on rank processes running at once across pytest-xdist workers "
+                  "(default max(8, 4 x CPUs); env DDPFAULT_MAX_PROCS)")
+HELP_TOXIPROXY_URL = ("use the Toxiproxy server at this URL (else toxiproxy-server on PATH, else the "
+                      "embedded one; env TOXIPROXY_URL)")
+HELP_INTERNAL_FRAMES = (f"keep pytest-ddpfault's own frames in rank tracebacks and stacks "
+                        f"(env {ENV_SHOW_INTERNAL_FRAMES}=1)")
 MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of world_size "
                "ranks with the given fault plan (spec string, Fault or list) and deadline.")
+
+GROUP_HELP = ("fault injection for torch.distributed (pytest-ddpfault); settings: ini < env < "
+              "option < marker; DDPFAULT_PLAN in a process's environment arms it (see ddp.torchrun)")
 
 _settings_key = pytest.StashKey["SessionSettings"]()
 _results_key = pytest.StashKey[list]()
@@ -34,13 +44,15 @@ _REPORTED_RUNS = 3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("ddpfault", "fault injection for torch.distributed (pytest-ddpfault)")
+    group = parser.getgroup("ddpfault", GROUP_HELP)
     group.addoption("--ddp-timeout", dest="ddp_timeout", default=None, help=HELP_TIMEOUT)
     group.addoption("--ddp-start-method", dest="ddp_start_method", default=None,
                     choices=START_METHODS, help=HELP_START_METHOD)
     group.addoption("--ddp-preload", dest="ddp_preload", default=None, help=HELP_PRELOAD)
     group.addoption("--ddp-max-procs", dest="ddp_max_procs", default=None, type=int, help=HELP_MAX_PROCS)
     group.addoption("--toxiproxy-url", dest="toxiproxy_url", default=None, help=HELP_TOXIPROXY_URL)
+    group.addoption("--ddp-show-internal-frames", dest="ddp_show_internal_frames", action="store_true",
+                    default=False, help=HELP_INTERNAL_FRAMES)
     parser.addini("ddp_timeout", HELP_TIMEOUT, default=None)
     parser.addini("ddp_start_method", HELP_START_METHOD, default=None)
     parser.addini("ddp_preload", HELP_PRELOAD, default=None)
@@ -50,6 +62,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    if config.getoption("ddp_show_internal_frames"):
+        os.environ[ENV_SHOW_INTERNAL_FRAMES] = "1"  # ranks inherit the environment
     try:
         settings = config.stash[_settings_key] = _session_settings(config)
     except SettingsError as exc:
@@ -197,6 +211,22 @@ def ddpfault_toxiproxy_server(request: pytest.FixtureRequest):
 def toxiproxy(ddpfault_toxiproxy_server):
     """A toxiproxy-python ``Toxiproxy`` client for the session's server."""
     return ddpfault_toxiproxy_server.api.client()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    s = config.stash[_settings_key]
+    how = ("ranks fork from a warm zygote started once per pytest process (its start-up counts "
+           "in the first ddp test's duration)") if s.start_method == "forkserver" else "ranks start with spawn"
+    return f"ddpfault: {how}; timeout {s.timeout:g} s"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    import sys
+
+    launcher = sys.modules.get("pytest_ddpfault.launcher")  # loaded only if ranks ran
+    line = launcher.start_report() if launcher is not None else ""
+    if line:
+        terminalreporter.write_line(f"pytest-ddpfault: {line}")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -357,3 +357,48 @@ def test_group(ddp, i):
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=16)
     assert result.ret == 0
+
+
+# -- what the terminal says --------------------------------------------------------------
+def test_help_names_the_environment_variables_and_defaults(pytester):
+    result = pytester.runpytest("--help")
+    out = result.stdout.str()
+    for name in ("DDPFAULT_TIMEOUT", "DDPFAULT_START_METHOD", "DDPFAULT_PRELOAD", "DDPFAULT_MAX_PROCS",
+                 "TOXIPROXY_URL", "DDPFAULT_PLAN", "DDPFAULT_SHOW_INTERNAL_FRAMES"):
+        assert name in out, name
+    assert "default max(8, 4 x CPUs)" in " ".join(out.split())
+
+
+def test_the_session_says_where_the_zygote_start_went(pytester):
+    pytester.makepyfile(test_one='''
+        import pytest
+
+        @pytest.mark.ddp(world_size=2)
+        def test_it(ddp):
+            ddp.run(int).assert_all_ok()
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ddpfault: ranks fork from a warm zygote*first ddp test's duration*",
+                                 "pytest-ddpfault: the rank zygote started in * s*"])
+
+
+def test_internal_frames_option_shows_the_harness_frames(pytester, monkeypatch):
+    pytester.makepyfile(test_one='''
+        import os
+        import pytest
+
+        def crash():
+            raise ValueError("mine")
+
+        @pytest.mark.ddp(world_size=1)
+        def test_it(ddp):
+            res = ddp.run(crash)
+            assert res[0].raised(ValueError)
+            shown = "pytest_ddpfault" in res[0].traceback
+            assert shown == (os.environ["EXPECT_INTERNAL"] == "1"), res[0].traceback
+    ''')
+    monkeypatch.setenv("EXPECT_INTERNAL", "0")
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    monkeypatch.setenv("EXPECT_INTERNAL", "1")  # a subprocess: the option sets its environment
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ddp-show-internal-frames").assert_outcomes(passed=1)
