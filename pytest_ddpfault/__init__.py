@@ -5,12 +5,14 @@ parts on first use.
 """
 from __future__ import annotations
 
-from pytest_ddpfault.errors import FaultSpecError, HarnessError, SettingsError, TorchrunError
+from pytest_ddpfault.errors import (
+    FaultSpecError, HarnessError, SettingsError, TorchrunError, UnfiredFaultWarning,
+)
 from pytest_ddpfault.faults import Fault
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
 
 __all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "RankResult",
-           "SettingsError", "TorchrunError", "run_group", "step"]
+           "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
 __version__ = "0.1.0"
 
 # Set inside a rank by the trigger machinery; None everywhere else.

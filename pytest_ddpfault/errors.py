@@ -4,12 +4,14 @@
 - ``SettingsError``: a bad marker argument, option or ``run_group``/``ddp.run`` argument.
 - ``HarnessError``: the harness itself could not run the group (not a failure of user code).
 - ``TorchrunError``: a launched run (``ddp.torchrun``, ``run_script``) could not be started.
+- ``UnfiredFaultWarning``: a ``ddp.run`` ended with faults of its plan that never fired
+  (a test that passes may pass for the wrong reason).
 
 Every message names the bad value, where it came from, and what is allowed.
 """
 from __future__ import annotations
 
-__all__ = ["FaultSpecError", "HarnessError", "SettingsError", "TorchrunError"]
+__all__ = ["FaultSpecError", "HarnessError", "SettingsError", "TorchrunError", "UnfiredFaultWarning"]
 
 
 class FaultSpecError(ValueError):
@@ -26,3 +28,7 @@ class HarnessError(RuntimeError):
 
 class TorchrunError(RuntimeError):
     """The run could not be started (not a failure of the script)."""
+
+
+class UnfiredFaultWarning(UserWarning):
+    """A run ended before some faults of its plan fired: their trigger never came."""

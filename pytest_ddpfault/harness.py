@@ -34,7 +34,7 @@ from pytest_ddpfault.child import ChildJob
 from pytest_ddpfault.errors import HarnessError
 from pytest_ddpfault.harness_faults import action_for
 from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
-from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
+from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
 from pytest_ddpfault.settings import check_timeout, check_world_size
 
 SETUP_BUDGET = 60.0        # store start-up, before the run's own clock starts
@@ -316,8 +316,28 @@ class GroupRun:
         faulted = _faults.faulted_ranks(self.plan, self.config.world_size)
         events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail)
                          for kind, rank, trigger, when, spec, detail in self._fired), key=lambda e: e.time)
-        return GroupResult(results, events, faulted,
-                           round(time.monotonic() - self.start, 4), _faults.format_plan(self.plan))
+        duration = round(time.monotonic() - self.start, 4)
+        return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
+                           self._unfired(events, results, duration))
+
+    def _unfired(self, events: list[FaultEvent], results: list[RankResult], duration: float) -> list:
+        """The plan's faults that never fired: their trigger did not come before the run ended."""
+        fired = {ev.spec for ev in events}
+        out = []
+        for f in self.plan:
+            if str(f) in fired:
+                continue
+            rank = f.resolved_rank(self.config.world_size)
+            at = f.resolved_at()
+            when = f"{at}" if at is not None else "its moment"
+            if rank is not None and rank < len(results):
+                r = results[rank]
+                ended = "returned" if r.ok else f"{r.status} ({r.detail()})"
+                reason = f"the trigger {when} never came in rank {rank}, which {ended} first"
+            else:
+                reason = f"the trigger {when} never came before the run ended at t={duration:.2f}s"
+            out.append(UnfiredFault(str(f), rank, reason))
+        return out
 
     def _rank_result(self, p: _Proc) -> RankResult:
         r = RankResult(rank=p.rank, status="hung")

@@ -56,6 +56,18 @@ class FaultEvent:
         return f"{self.kind} on {where} at {self.trigger}, t={self.time:.2f}s{extra}"
 
 
+@dataclass(frozen=True)
+class UnfiredFault:
+    """A fault of the plan that never fired, and why (its trigger never came)."""
+
+    spec: str
+    rank: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.spec}: {self.reason}"
+
+
 @dataclass
 class RankResult:
     rank: int
@@ -128,6 +140,7 @@ class GroupResult:
     faulted_ranks: frozenset[int] = frozenset()
     duration: float = 0.0
     plan: str = ""
+    unfired: list[UnfiredFault] = field(default_factory=list)  # faults whose trigger never came
 
     # -- access ---------------------------------------------------------------
     def __getitem__(self, rank: int) -> RankResult:
@@ -178,6 +191,8 @@ class GroupResult:
             lines.append(f"fault plan: {self.plan}")
         for ev in self.fault_events:
             lines.append(f"fired: {ev}")
+        for u in self.unfired:
+            lines.append(f"did not fire: {u}")
         return "\n".join(lines)
 
     def report(self, ranks: Sequence[RankResult] | None = None) -> str:

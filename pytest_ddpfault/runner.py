@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
+from pytest_ddpfault.errors import UnfiredFaultWarning
 from pytest_ddpfault.results import GroupResult
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, check_world_size
 
@@ -48,6 +50,10 @@ class DDP:
         run.on_proxy = self._set_proxy
         result = run.run()
         self.results.append(result)
+        if result.unfired:
+            warnings.warn(UnfiredFaultWarning(
+                "these faults never fired, their trigger did not come:\n" + "\n".join(map(str, result.unfired))),
+                stacklevel=2)
         return result
 
     def torchrun(self, script_or_module, *args, nproc: int | None = None, max_restarts: int = 0,

@@ -132,3 +132,33 @@ def test_a_failing_cleanup_step_still_removes_everything_else(private_tmp, zygot
     assert ports and ports[0] not in listening_ports()
     assert children_of(zygote_pid) == set(), "a rank or the store host outlived the run"
     assert os.listdir(private_tmp) == [], "the run folder or the event inbox was left behind"
+
+
+# -- a plan that did not fully fire says so ---------------------------------------------------
+def allreduce_once_no_steps():
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    dist.all_reduce(torch.ones(1))
+    dist.destroy_process_group()
+    return "done"
+
+
+def test_faults_whose_trigger_never_came_are_listed_with_the_reason():
+    res = pytest_ddpfault.run_group(
+        allreduce_once_no_steps, world_size=2, timeout=20,
+        faults="kill_rank(rank=1, at=step#3); delay(rank=0, at=all_reduce#1, seconds=0.05)")
+    res.assert_all_ok()  # the kill never came: the test would pass for the wrong reason
+    assert [ev.kind for ev in res.fault_events] == ["delay"]
+    [unfired] = res.unfired
+    assert unfired.spec == "kill_rank(rank=1, at=step#3)" and unfired.rank == 1
+    assert "step#3 never came in rank 1" in unfired.reason
+    assert "did not fire: kill_rank(rank=1, at=step#3)" in res.summary()
+
+
+@pytest.mark.ddp(world_size=2, fault="crash_rank(rank=1, at=step#1)")
+def test_ddp_run_warns_when_a_fault_never_fired(ddp):
+    with pytest.warns(pytest_ddpfault.UnfiredFaultWarning, match=r"crash_rank\(rank=1, at=step#1\)"):
+        res = ddp.run(allreduce_once_no_steps)
+    res.assert_all_ok()
