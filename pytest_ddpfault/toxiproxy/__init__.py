@@ -5,6 +5,6 @@ entry point, ``api.py`` for the HTTP API, ``proxy.py``/``link.py`` for the data 
 ``toxics.py`` for the toxics.
 """
 
-from .server import EmbeddedToxiproxy
+from .server import ConfigError, EmbeddedToxiproxy
 
-__all__ = ["EmbeddedToxiproxy"]
+__all__ = ["EmbeddedToxiproxy", "ConfigError"]

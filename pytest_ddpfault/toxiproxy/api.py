@@ -6,22 +6,38 @@ starting with ``Mozilla/`` 403; errors are ``{"error": ..., "status": N}`` plus 
 with ``Content-Type: text/plain; charset=utf-8`` (Go's ``http.Error``), except for
 ``/populate``, whose errors are JSON without the newline and carry the proxies created
 so far. Connections are kept alive (HTTP/1.1), with bounded reads and idle time.
+
+As with Toxiproxy's router (gorilla/mux) and Go's ``net/http``: a path that is not clean
+(``//proxies``, ``/proxies/../version``) is redirected (301) to its clean form; every
+answer of a route (not 404, 405 or 301, which come before the route's middleware) carries
+an ``X-Toxiproxy-Request-Id`` (an ``xid``, as zerolog's ``hlog.RequestIDHandler`` makes);
+a request that cannot be read (garbage, different ``Content-Length`` headers, cut off by
+the client, not complete within the read timeout) is answered 400 and the connection
+closed; ``100 Continue`` goes out only when a body is to come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import hashlib
 import http
+import itertools
 import logging
+import os
+import socket
+import time
 import urllib.parse
 from typing import Any, Awaitable, Callable, NamedTuple
 
 from .errors import ApiError, bad_request_body, missing_field, proxy_already_exists, proxy_not_found
 from .gojson import BadJSON, Field, decode_first, decode_struct, dumps, json_kind
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .proxy import Proxy, listen_socket
 
-__all__ = ["ApiServer", "VERSION"]
+__all__ = ["ApiServer", "VERSION", "REQUEST_ID_HEADER", "new_request_id"]
 
 log = logging.getLogger("pytest_ddpfault.toxiproxy")
 
@@ -44,6 +60,9 @@ _PROXY_FIELDS = (
 _POPULATE_TYPE = '[]struct { toxiproxy.Proxy; Enabled *bool "json:\\"enabled\\"" }'
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
+REQUEST_ID_HEADER = "X-Toxiproxy-Request-Id"
+#: characters Go's ``url.URL.String`` leaves unescaped in a path (besides letters, digits, ``-_.~``)
+_PATH_SAFE = "/$&+,:;=@"
 
 
 class Request(NamedTuple):
@@ -52,6 +71,7 @@ class Request(NamedTuple):
     headers: dict[str, str]
     body: bytes
     keep_alive: bool
+    query: str = ""
 
 
 class Response(NamedTuple):
@@ -59,6 +79,7 @@ class Response(NamedTuple):
     body: bytes = b""
     content_type: str | None = None
     close: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, obj: Any) -> "Response":
@@ -73,9 +94,21 @@ class Response(NamedTuple):
     def text(cls, status: int, text: str, close: bool = False) -> "Response":
         return cls(status, text.encode() + b"\n", _TEXT, close)
 
+    def with_header(self, name: str, value: str) -> "Response":
+        return self._replace(headers=self.headers + ((name, value),))
+
 
 class _BadHTTP(Exception):
     """The request cannot be read; answered with ``response`` and the connection closed."""
+
+    @classmethod
+    def bad_request(cls) -> "_BadHTTP":
+        return cls(400, "Bad Request")
+
+    @classmethod
+    def cut_off_body(cls, why: str) -> "_BadHTTP":
+        """The body did not all come: Toxiproxy's handler fails to decode it (400)."""
+        return cls(400, "Bad Request", Response.error(bad_request_body(why), close=True))
 
     def __init__(self, status: int, message: str, response: Response | None = None) -> None:
         super().__init__(message)
@@ -92,10 +125,37 @@ def _json_body(body: bytes) -> Any:
 Handler = Callable[[dict[str, str], bytes], Awaitable[Response]]
 
 
-class ApiServer:
-    """The proxies of one server and the HTTP API that manages them."""
+class _RequestIds:
+    """``xid`` s (github.com/rs/xid): 4 bytes of Unix time, 3 of machine id, 2 of pid and a
+    3-byte counter, in lowercase base32hex: 20 characters, sortable by time."""
 
     def __init__(self) -> None:
+        self._machine = hashlib.md5(socket.gethostname().encode()).digest()[:3]
+        self._counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+    def new(self) -> str:
+        raw = (int(time.time()).to_bytes(4, "big") + self._machine
+               + (os.getpid() & 0xFFFF).to_bytes(2, "big")
+               + (next(self._counter) & 0xFFFFFF).to_bytes(3, "big"))
+        return base64.b32hexencode(raw).decode("ascii").rstrip("=").lower()
+
+
+new_request_id = _RequestIds().new
+
+
+class ApiServer:
+    """The proxies of one server and the HTTP API that manages them.
+
+    ``read_timeout`` bounds the reading of one request once its first byte has come (Go's
+    ``ReadTimeout``), ``idle_timeout`` the wait for the next request on a kept-alive
+    connection; ``metrics`` adds the ``/metrics`` route when it has any metric enabled.
+    """
+
+    def __init__(self, read_timeout: float = READ_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 metrics: Metrics | None = None) -> None:
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.metrics = metrics if metrics is not None else Metrics()
         self.proxies: dict[str, Proxy] = {}
         self._lock = asyncio.Lock()
         self._server: asyncio.base_events.Server | None = None
@@ -112,6 +172,8 @@ class ApiServer:
               "DELETE": self.toxic_delete}),
             (("version",), {"GET": self.version}),
         ]
+        if self.metrics.enabled:
+            self._routes.append((("metrics",), {"*": self.metrics_page}))  # any method, as mux
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -141,7 +203,7 @@ class ApiServer:
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(self._read_request(reader, writer), IDLE_TIMEOUT)
+                    request = await self._read_request(reader, writer)
                 except _BadHTTP as exc:
                     response = exc.response
                     request = None
@@ -164,53 +226,98 @@ class ApiServer:
 
     async def _read_request(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> Request | None:
-        line = b"\r\n"
+        """The next request; None when the client is done (EOF or idle too long).
+
+        Once its first byte has come, the whole request must come within
+        ``read_timeout``: a request still incomplete then (say, bytes with no newline),
+        or cut off by the client, is a :class:`_BadHTTP` (400).
+        """
+        try:
+            first = await asyncio.wait_for(reader.read(1), self.idle_timeout)
+        except asyncio.TimeoutError:
+            return None
+        if not first:
+            return None
+        head = _Head()
+        try:
+            return await asyncio.wait_for(self._read_rest(first, head, reader, writer),
+                                          self.read_timeout)
+        except asyncio.TimeoutError:
+            if head.in_body:
+                raise _BadHTTP.cut_off_body(
+                    f"read tcp: i/o timeout after {self.read_timeout:g} s") from None
+            raise _BadHTTP.bad_request() from None
+        except asyncio.IncompleteReadError:
+            if head.in_body:
+                raise _BadHTTP.cut_off_body("unexpected EOF") from None
+            raise _BadHTTP.bad_request() from None
+
+    async def _read_rest(self, first: bytes, head: "_Head", reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> Request | None:
+        line = first if first == b"\n" else first + await _readline(reader)
         while line in (b"\r\n", b"\n"):  # tolerate blank lines before a request
             line = await _readline(reader)
             if not line:
                 return None
-        # The first byte is here: the rest of the request must come within READ_TIMEOUT.
-        return await asyncio.wait_for(self._read_rest(line, reader, writer), READ_TIMEOUT)
-
-    async def _read_rest(self, line: bytes, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> Request:
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)
         parts = line.decode("latin-1").strip().split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _BadHTTP(400, "Bad Request")
+            raise _BadHTTP.bad_request()
         method, target, version = parts
+        if not target.startswith("/") and "://" not in target:
+            raise _BadHTTP.bad_request()  # Go: "invalid URI for request"
         headers: dict[str, str] = {}
         size = len(line)
         while True:
             line = await _readline(reader)
             size += len(line)
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
+            if not line.endswith(b"\n"):
+                raise asyncio.IncompleteReadError(line, None)
             if line in (b"\r\n", b"\n"):
                 break
             if size > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
                 raise _BadHTTP(431, "Request Header Fields Too Large")
             name, sep, value = line.decode("latin-1").partition(":")
-            if not sep or not name.strip():
-                raise _BadHTTP(400, "Bad Request")
-            headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if not sep or not name:
+                raise _BadHTTP.bad_request()
+            if name == "content-length" and headers.get(name, value) != value:
+                raise _BadHTTP.bad_request()  # Go: "cannot contain multiple Content-Length"
+            headers[name] = value
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+        head.in_body = True
         body = await _read_body(reader, writer, headers)
-        path = urllib.parse.urlsplit(target).path if "://" in target else target.split("?", 1)[0]
-        return Request(method, urllib.parse.unquote(path), headers, body, keep_alive)
+        if "://" in target:
+            url = urllib.parse.urlsplit(target)
+            path, query = url.path, url.query
+        else:  # origin-form: "//x" is a path here (Go's ParseRequestURI), not a host
+            path, _, query = target.partition("?")
+        return Request(method, urllib.parse.unquote(path), headers, body, keep_alive, query)
 
     async def dispatch(self, request: Request) -> Response:
         """Route one request and run its handler; never raises."""
-        segments = tuple(request.path.split("/")[1:]) if request.path.startswith("/") else None
+        clean = _clean_path(request.path)
+        if clean != request.path:  # mux's cleanPath redirect, query kept
+            location = urllib.parse.quote(clean, safe=_PATH_SAFE)
+            return Response(301).with_header(
+                "Location", location + (f"?{request.query}" if request.query else ""))
+        segments = tuple(request.path.split("/")[1:])
         for pattern, handlers in self._routes:
             params = _match(pattern, segments)
             if params is not None:
                 break
         else:
             return Response.text(404, "404 page not found")
-        handler = handlers.get(request.method)
+        handler = handlers.get(request.method) or handlers.get("*")
         if handler is None:
             return Response(405)
+        # a route matched: from here on, the answer went through Toxiproxy's middleware
+        return (await self._run(handler, params, request)).with_header(
+            REQUEST_ID_HEADER, new_request_id())
+
+    async def _run(self, handler: Handler, params: dict[str, str], request: Request) -> Response:
         if request.headers.get("user-agent", "").startswith("Mozilla/"):
             return Response.text(403, "User agent not allowed")
         try:
@@ -241,7 +348,7 @@ class ApiServer:
                 raise missing_field(required)
         if fields["name"] in self.proxies:
             raise proxy_already_exists()
-        proxy = Proxy(fields["name"], fields["listen"], fields["upstream"])
+        proxy = Proxy(fields["name"], fields["listen"], fields["upstream"], self.metrics)
         if fields["enabled"]:
             await proxy.start()
         self.proxies[proxy.name] = proxy
@@ -250,11 +357,24 @@ class ApiServer:
     async def populate(self, params: dict[str, str], body: bytes) -> Response:
         done: list[Proxy] = []
         try:
-            for fields in _populate_entries(body):
-                done.append(await self._add_or_replace(fields))
+            await self._populate(body, done)
         except ApiError as exc:
             return Response.json(exc.status, {**exc.as_json(), "proxies": _proxies_json(done)})
         return Response.json(201, {"proxies": _proxies_json(done)})
+
+    async def populate_from(self, body: bytes, done: list[Proxy] | None = None) -> list[Proxy]:
+        """Create or replace the proxies of a ``/populate`` body (also what ``-config`` reads).
+
+        Raises :class:`ApiError`; ``done`` collects the proxies made before an error.
+        """
+        done = [] if done is None else done
+        async with self._lock:
+            await self._populate(body, done)
+        return done
+
+    async def _populate(self, body: bytes, done: list[Proxy]) -> None:
+        for fields in _populate_entries(body):
+            done.append(await self._add_or_replace(fields))
 
     async def _add_or_replace(self, fields: dict[str, Any]) -> Proxy:
         existing = self.proxies.get(fields["name"])
@@ -262,7 +382,7 @@ class ApiServer:
             if existing.listen == fields["listen"] and existing.upstream == fields["upstream"]:
                 return existing
             existing.stop()
-        proxy = Proxy(fields["name"], fields["listen"], fields["upstream"])
+        proxy = Proxy(fields["name"], fields["listen"], fields["upstream"], self.metrics)
         if fields["enabled"]:
             await proxy.start()
         self.proxies[proxy.name] = proxy
@@ -315,12 +435,41 @@ class ApiServer:
     async def version(self, params: dict[str, str], body: bytes) -> Response:
         return Response(200, f'{{"version": "{VERSION}"}}\n'.encode(), "application/json;charset=utf-8")
 
+    async def metrics_page(self, params: dict[str, str], body: bytes) -> Response:
+        return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
 
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _match(pattern: tuple[str, ...], segments: tuple[str, ...] | None) -> dict[str, str] | None:
-    if segments is None or len(pattern) != len(segments):
+class _Head:
+    """How far the reading of one request got (for the answer when it stops short)."""
+
+    __slots__ = ("in_body",)
+
+    def __init__(self) -> None:
+        self.in_body = False
+
+
+def _clean_path(path: str) -> str:
+    """gorilla/mux's ``cleanPath``: Go's ``path.Clean``, keeping a trailing slash."""
+    if not path:
+        return "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    parts: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if parts:
+                parts.pop()
+        elif segment not in ("", "."):
+            parts.append(segment)
+    clean = "/" + "/".join(parts)
+    return clean + "/" if path.endswith("/") and clean != "/" else clean
+
+
+def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str] | None:
+    if len(pattern) != len(segments):
         return None
     params: dict[str, str] = {}
     for want, got in zip(pattern, segments):
@@ -389,8 +538,8 @@ async def _read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         length = int(length_text)
         if length > MAX_BODY:
             raise too_large
-    if headers.get("expect", "").lower() == "100-continue":
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if headers.get("expect", "").lower() == "100-continue" and (chunked or length > 0):
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # Go: only when a body is to come
     if not chunked:
         return await reader.readexactly(length)
     body = bytearray()
@@ -417,6 +566,7 @@ def _render(response: Response, keep_alive: bool) -> bytes:
         lines.append(f"Content-Type: {response.content_type}")
         if response.content_type == _TEXT:
             lines.append("X-Content-Type-Options: nosniff")
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
     lines.append(f"Date: {email.utils.formatdate(usegmt=True)}")
     if status != 204:
         lines.append(f"Content-Length: {len(response.body)}")

@@ -4,7 +4,8 @@ Reading follows ``encoding/json``'s ``Decoder.Decode`` into a typed struct: the 
 value of the body is decoded (anything after it is ignored), keys match field names
 case-insensitively, unknown keys are ignored, ``null`` leaves a field as it was, and a
 value of the wrong type is an error worded like Go's ("json: cannot unmarshal string into
-Go struct field LatencyToxic.attributes.latency of type int64").
+Go struct field LatencyToxic.attributes.latency of type int64"). A lone surrogate escape
+(``"\\ud800"``) becomes U+FFFD, as in Go, so every decoded string is valid Unicode.
 
 Writing follows ``json.Marshal``: compact, keys in the given order, ``<``, ``>`` and ``&``
 escaped, floats (toxicity is a Go ``float32``) printed in their shortest form.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from typing import Any, Iterable, NamedTuple
 
@@ -73,6 +75,24 @@ def decode_first(body: bytes) -> Any:
         raise BadJSON(str(exc)) from None
     except RecursionError:
         raise BadJSON("exceeded max depth") from None
+    return _valid_unicode(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(value: Any) -> Any:
+    """Replace lone surrogates (left by ``\\ud800``-style escapes) with U+FFFD, like Go.
+
+    Python's decoder joins a valid escaped pair into one character, so any surrogate
+    still in a string is a lone one.
+    """
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_valid_unicode(item) for item in value]
+    if isinstance(value, dict):
+        return {_valid_unicode(key): _valid_unicode(item) for key, item in value.items()}
     return value
 
 
@@ -200,4 +220,4 @@ def dumps(obj: Any) -> bytes:
     text = json.dumps(_go_floats(obj), separators=(",", ":"), ensure_ascii=False)
     for char, escaped in _HTML_ESCAPES:
         text = text.replace(char, escaped)
-    return text.encode("utf-8")
+    return _SURROGATE.sub("\ufffd", text).encode("utf-8")  # never fails to encode

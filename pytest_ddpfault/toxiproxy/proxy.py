@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from .errors import ApiError, toxic_not_found
 from .link import Link
+from .metrics import Counter, Metrics
 from .toxics import DOWNSTREAM, UPSTREAM, ToxicSpec
 
 __all__ = ["Proxy", "Connection", "Side", "ToxicCollection", "split_host_port", "listen_socket",
@@ -94,7 +95,10 @@ def resolve(host: str, port: int, passive: bool = False) -> list[tuple[int, tupl
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """A listening, non-blocking socket on ``host:port`` (port 0: any free port)."""
-    family, sockaddr = resolve(host, port, passive=True)[0]
+    return _listen_on(*resolve(host, port, passive=True)[0])
+
+
+def _listen_on(family: int, sockaddr: tuple) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,14 +112,21 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def bind_listener(listen: str) -> socket.socket:
-    """:func:`listen_socket` for a proxy's ``listen``; errors worded as Toxiproxy's (500)."""
+    """:func:`listen_socket` for a proxy's ``listen``; errors worded as Toxiproxy's (500).
+
+    As in Go, a failed bind names the resolved address (``listen tcp 127.0.0.1:3310:
+    bind: address already in use`` for ``localhost:3310``; ``:3310`` for no host).
+    """
     host, port = split_host_port(listen)
     try:
-        return listen_socket(host or "0.0.0.0", port)
+        family, sockaddr = resolve(host or "0.0.0.0", port, passive=True)[0]
     except socket.gaierror:
         raise ApiError(f"listen tcp: lookup {host}: no such host", 500) from None
+    try:
+        return _listen_on(family, sockaddr)
     except OSError as exc:
-        raise ApiError(f"listen tcp {listen}: bind: {_os_error_text(exc)}", 500) from None
+        where = format_addr(sockaddr) if host else f":{port}"
+        raise ApiError(f"listen tcp {where}: bind: {_os_error_text(exc)}", 500) from None
 
 
 async def dial(host: str, port: int, protocol_factory) -> asyncio.BaseProtocol:
@@ -148,6 +159,8 @@ class Side(asyncio.Protocol):
         self.reader: Link | None = None
         self.writer: Link | None = None
         self.closed = False
+        self.received: Counter | None = None  # bytes read here (proxy metrics)
+        self.sent: Counter | None = None  # bytes written here (proxy metrics)
         self._pauses: set[str] = set()
         self._grace: asyncio.TimerHandle | None = None
 
@@ -162,6 +175,8 @@ class Side(asyncio.Protocol):
         self.conn.side_made(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.received is not None:
+            self.received.value += len(data)
         if self.reader is not None:
             self.reader.feed(data)
 
@@ -192,6 +207,8 @@ class Side(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self.transport.is_closing():
+            if self.sent is not None:
+                self.sent.value += len(data)
             self.transport.write(data)
 
     def pause(self, reason: str) -> bool:
@@ -267,6 +284,8 @@ class Connection:
         if self.client.closed:
             upstream.close()
             return
+        if proxy.metrics is not None:
+            self._count(proxy.metrics, upstream)
         up = Link(self, self.client, upstream, proxy.toxics.chain(UPSTREAM))
         down = Link(self, upstream, self.client, proxy.toxics.chain(DOWNSTREAM))
         self.links = (up, down)
@@ -274,6 +293,15 @@ class Connection:
         upstream.reader = self.client.writer = down
         self.client.resume("dial")
         upstream.resume("dial")
+
+    def _count(self, metrics: Metrics, upstream: Side) -> None:
+        """Hook the sides to the proxy's byte counters (labels as Toxiproxy's link.go)."""
+        proxy = self.proxy
+        for direction, source, dest in (("upstream", self.client, upstream),
+                                        ("downstream", upstream, self.client)):
+            counters = metrics.link_counters(direction, proxy.name, proxy.listen, proxy.upstream)
+            if counters is not None:
+                source.received, dest.sent = counters
 
     def side_lost(self, side: Side) -> None:
         if self.client.closed and (self.upstream is None or self.upstream.closed):
@@ -359,10 +387,12 @@ class ToxicCollection:
 class Proxy:
     """A named proxy from ``listen`` to ``upstream``; enabled means listening."""
 
-    def __init__(self, name: str, listen: str, upstream: str) -> None:
+    def __init__(self, name: str, listen: str, upstream: str,
+                 metrics: Metrics | None = None) -> None:
         self.name = name
         self.listen = listen or DEFAULT_LISTEN
         self.upstream = upstream
+        self.metrics = metrics
         self.enabled = False
         self.toxics = ToxicCollection(self)
         self.connections: set[Connection] = set()
@@ -382,8 +412,9 @@ class Proxy:
             self._server = await asyncio.get_running_loop().create_server(
                 lambda: Connection(self).client, sock=sock)
         except OSError as exc:
+            where = format_addr(sock.getsockname())
             sock.close()
-            raise ApiError(f"listen tcp {self.listen}: {_os_error_text(exc)}", 500) from None
+            raise ApiError(f"listen tcp {where}: {_os_error_text(exc)}", 500) from None
         self.listen = format_addr(sock.getsockname())
         self.enabled = True
         log.info("proxy %s listening on %s, upstream %s", self.name, self.listen, self.upstream)

@@ -35,6 +35,8 @@ __all__ = [
     "Stateful",
     "Cleanup",
     "register",
+    "RNG",
+    "seed",
 ]
 
 UPSTREAM = 0  #: client -> upstream server bytes
@@ -42,6 +44,15 @@ DOWNSTREAM = 1  #: upstream server -> client bytes
 STREAMS = ("upstream", "downstream")
 
 TOXICS: dict[str, type["Toxic"]] = {}
+
+#: the randomness of every toxic (jitter, slicer variation, toxicity rolls); one per
+#: process, as Toxiproxy's ``math/rand`` is, so that ``-seed`` makes a run repeatable
+RNG = random.Random()
+
+
+def seed(value: int | None) -> None:
+    """Seed :data:`RNG` (Toxiproxy's ``-seed``); ``None`` seeds from the OS."""
+    RNG.seed(value)
 
 
 def register(cls: type["Toxic"]) -> type["Toxic"]:
@@ -133,7 +144,7 @@ class Latency(Toxic):
     fields = (Field("latency", "int64"), Field("jitter", "int64"))
 
     def delay(self) -> float:
-        jitter = random.randrange(2 * self.jitter) - self.jitter if self.jitter > 0 else 0
+        jitter = RNG.randrange(2 * self.jitter) - self.jitter if self.jitter > 0 else 0
         return (self.latency + jitter) / 1000.0
 
     async def on_data(self, stage: Any, chunk: Any) -> None:
@@ -249,7 +260,7 @@ class Slicer(Toxic):
             if length - average <= variation or length <= 1:
                 sizes.append(length)
                 continue
-            shift = random.randrange(2 * variation) - variation if variation else 0
+            shift = RNG.randrange(2 * variation) - variation if variation else 0
             left = min(max(length // 2 + shift, 1), length - 1)
             todo.append(length - left)
             todo.append(left)
@@ -357,7 +368,7 @@ class ToxicSpec:
 
     def roll(self) -> bool:
         """Whether this toxic acts on one connection's stream (probability ``toxicity``)."""
-        return random.random() < self.toxicity
+        return RNG.random() < self.toxicity
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -83,3 +84,34 @@ def test_port_in_use_exits_1(cli):
         proc = cli("--port", str(holder.getsockname()[1]))
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 1 and "cannot listen" in err
+
+
+@pytest.mark.parametrize("flag", ["-version", "--version"])
+def test_version_flag(cli, flag):
+    proc = cli(flag)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, out, err) == (0, "ddpfault-toxiproxy version 2.8.0\n", "")
+
+
+def test_real_servers_flags(cli, tmp_path, echo_upstream):
+    """toxiproxy-server's spelling: -config FILE, -seed N, -proxy-metrics, -runtime-metrics."""
+    config = tmp_path / "proxies.json"
+    config.write_text(json.dumps([{"name": "db", "listen": "127.0.0.1:0",
+                                   "upstream": echo_upstream.address, "enabled": True}]))
+    proc = cli("-port", "0", "-config", str(config), "-seed", "7", "-proxy-metrics",
+               "-runtime-metrics")
+    url = re.search(r"listening on (http://\S+)", _first_line(proc, STARTUP_TIMEOUT)).group(1)
+    assert requests.get(url + "/proxies", timeout=5).json()["db"]["upstream"] == echo_upstream.address
+    metrics = requests.get(url + "/metrics", timeout=5)
+    assert metrics.status_code == 200 and "process_cpu_seconds_total " in metrics.text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, proc.stderr.read()
+
+
+def test_bad_config_exits_1(cli, tmp_path):
+    config = tmp_path / "proxies.json"
+    config.write_text('[{"name": "x"}]')
+    proc = cli("--port", "0", "--config", str(config))
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert f"config {config}: missing required field: upstream at proxy 1" in err
