@@ -32,7 +32,6 @@ from pytest_ddpfault._frames import hide_in_stack
 from pytest_ddpfault._pickling import dumps_call
 from pytest_ddpfault.child import ChildJob
 from pytest_ddpfault.errors import HarnessError
-from pytest_ddpfault.harness_faults import action_for
 from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
 from pytest_ddpfault.settings import check_timeout, check_world_size
@@ -116,7 +115,7 @@ class GroupRun:
         try:
             self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=_short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
-            self.actions = [a for a in (action_for(f, self) for f in self.plan) if a is not None]
+            self.actions = [f.definition.action(f, self) for f in self.plan if f.definition.harness_side]
             self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload))
             setup = Deadline.after(SETUP_BUDGET)
             for action in self.actions:
@@ -146,9 +145,14 @@ class GroupRun:
         when = time.monotonic() if when is None else when
         self._fired.append((kind, rank, trigger, when, spec, detail))
 
-    def kill_store(self) -> None:
+    # -- what harness-side fault actions may do (faults.base.RunControl) --------------
+    def host_store_in_rank0(self, port: int) -> None:
+        """No harness store: rank 0 hosts it on ``port``, as a plain env:// script does."""
+        self.master_port, self.use_agent_store = port, False
+
+    def stop_store(self) -> None:
         if self.store is not None and self.store.exit is None:
-            self.store.ended_by_harness = "store_down"
+            self.store.ended_by_harness = "stopped by a fault"
             self.launcher.signal(self.store.pid, signal.SIGKILL)
 
     # -- start ------------------------------------------------------------------

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from pytest_ddpfault.faults import (COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Trigger, format_plan,
-                                    validate_plan)
+from pytest_ddpfault.faults import (COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Fuzz, Param, Trigger,
+                                    format_plan, validate_plan)
 
 __all__ = ["FaultPlan", "fault_plans", "faults", "triggers"]
 
@@ -71,27 +71,17 @@ def _small(hi: float, step: float = 0.1) -> st.SearchStrategy[float]:
     return st.integers(1, int(round(hi / step))).map(lambda k: round(k * step, 3))
 
 
-# Strategies for params by name (shared by every kind that takes them). Bounds keep
-# each example short: fuzzing is many small runs, not a few long ones.
-_PARAMS = {
-    "signal": st.sampled_from(["SIGKILL", "SIGTERM", "SIGSEGV"]),
-    "exc": st.sampled_from(["RuntimeError", "ValueError", "OSError"]),
-    "code": st.integers(0, 3),
-    "resume_after": _small(1.0),
-    "seconds": _small(1.0),
-    "every": st.booleans(),
-    "mode": st.sampled_from(["listen", "bind"]),
-    "hold_for": _small(1.0),
-    "duration": _small(1.0),
-    "stream": st.sampled_from(["downstream", "upstream"]),
-    "toxicity": st.sampled_from([1.0, 0.5]),
-    "latency": st.integers(0, 300),
-    "jitter": st.integers(0, 50),
-    "rate": st.integers(0, 1000),
-    "timeout": st.integers(0, 500),
-    "delay": st.integers(0, 300),
-    "bytes": st.integers(0, 4096),
-}
+def _drawn(param: Param, kind: str) -> st.SearchStrategy:
+    """What a param's declaration (``Param.fuzz``) says to draw, simplest first."""
+    fuzz: Fuzz | None = param.fuzz
+    if fuzz is None:
+        raise ValueError(f"fault kind {kind!r}: param {param.name!r} declares no fuzz values "
+                         "(Param(..., fuzz=Fuzz.of(...) or Fuzz.between(lo, hi)))")
+    if fuzz.among:
+        return st.sampled_from(list(fuzz.among))
+    if fuzz.step:
+        return _small(fuzz.hi, fuzz.step)
+    return st.integers(int(fuzz.lo), int(fuzz.hi))
 
 
 def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | None = None,
@@ -100,7 +90,8 @@ def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | Non
     if kind not in KINDS:
         raise ValueError(f"faults(kind={kind!r}): unknown kind; allowed: {', '.join(sorted(KINDS))}")
     definition = KINDS[kind]
-    optional = {key: _PARAMS[key] for key in definition.keys if key in _PARAMS}
+    optional = {p.name: _drawn(p, kind) for p in definition.params
+                if p.name not in ("rank", "at") and (p.fuzz is None or p.fuzz.drawn)}
     if definition.takes_rank:
         optional["rank"] = st.integers(0, world_size - 1)
     if definition.takes_at:
@@ -127,10 +118,10 @@ def fault_plans(world_size: int, kinds=None, max_faults: int = 1, triggers=None,
     """Plans of 0..max_faults faults, each valid for ``world_size``, accepted by ``ddp.run(faults=...)``."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fault_plans(world_size={world_size!r}): must be an int >= 1")
-    names = sorted(KINDS) if kinds is None else list(kinds)
+    names = list(KINDS) if kinds is None else list(kinds)  # registration order: simplest first
     bad = [k for k in names if k not in KINDS]
     if bad:
-        raise ValueError(f"fault_plans(kinds=...): unknown kind {bad[0]!r}; allowed: {', '.join(sorted(KINDS))}")
+        raise ValueError(f"fault_plans(kinds=...): unknown kind {bad[0]!r}; allowed: {', '.join(KINDS)}")
     one = st.one_of(*(faults(k, world_size, triggers, ops) for k in names))
     # kinds that must not appear twice (one MASTER_PORT): unique by kind for those
     plans = st.lists(one, min_size=0, max_size=max_faults,

@@ -434,7 +434,7 @@ def test_assert_survivors_raised_says_when_no_fault_fired(ddp):
 
 
 # -- bad faults in a marker fail at collection -------------------------------------------
-def test_bad_faults_in_the_marker_fail_at_collection(pytester):
+def test_bad_faults_in_the_marker_are_found_at_collection(pytester):
     for name, fault in {"unknown": "explode(rank=1)", "outside": "hang_rank(rank=3)",
                         "norank": "port_collision(rank=1)"}.items():
         pytester.makepyfile(**{f"test_{name}": f'''
@@ -448,7 +448,7 @@ def test_bad_faults_in_the_marker_fail_at_collection(pytester):
     # benchmark plugin warns under xdist)
     result = pytester.runpytest("--collect-only", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
                                 "-p", "no:benchmark")
-    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert result.ret == pytest.ExitCode.OK  # listed at collection; each fails its own test
     out = result.stdout.str()
     unknown = _error_line(out, "test_unknown.py::test_it")
     assert "'explode'" in unknown

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import pytest_ddpfault
-from pytest_ddpfault import harness_faults
+from pytest_ddpfault.faults import harness as harness_kinds
 from pytest_ddpfault._frames import ENV_SHOW, PACKAGE_DIR
 
 from _helpers import children_of, listening_ports
@@ -117,7 +117,7 @@ def test_stacks_of_a_hung_rank_hide_the_harness_frames():
 
 # -- clean-up ------------------------------------------------------------------------------
 def test_a_failing_cleanup_step_still_removes_everything_else(private_tmp, zygote_pid, monkeypatch):
-    original = harness_faults.PortCollision.cleanup
+    original = harness_kinds.HeldPort.cleanup
     ports = []
 
     def failing_cleanup(self):
@@ -125,7 +125,7 @@ def test_a_failing_cleanup_step_still_removes_everything_else(private_tmp, zygot
         original(self)
         raise OSError("cleanup step failed on purpose")
 
-    monkeypatch.setattr(harness_faults.PortCollision, "cleanup", failing_cleanup)
+    monkeypatch.setattr(harness_kinds.HeldPort, "cleanup", failing_cleanup)
     with pytest.raises(OSError, match="on purpose"):
         pytest_ddpfault.run_group(return_none, world_size=2, timeout=5,
                                   faults="port_collision(mode=bind)")

@@ -136,3 +136,21 @@ def test_a_failing_property_prints_a_replayable_plan(pytester):
     # and it replays as printed
     assert Fault.parse("kill_rank") == Fault("kill_rank")
     assert signal.SIGKILL.name in out or "killed" in out
+
+
+def test_every_param_of_every_kind_declares_what_fuzzing_draws():
+    # a new kind's param without Fuzz would otherwise never be fuzzed, silently
+    from pytest_ddpfault.faults import KINDS
+
+    for name, kind in KINDS.items():
+        for p in kind.params:
+            if p.name not in ("rank", "at"):
+                assert p.fuzz is not None, f"{name}.{p.name} declares no Fuzz"
+        faults(name, 3)  # builds without error
+
+
+def test_plans_shrink_toward_the_simplest_kind():
+    from hypothesis import find
+
+    plan = find(fault_plans(3, max_faults=1), lambda p: len(p) == 1)
+    assert plan[0].kind == "kill_rank"

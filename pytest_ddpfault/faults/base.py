@@ -1,0 +1,185 @@
+"""What a fault kind is: ``FaultKind`` (the declaration) and the capabilities a kind
+implements to carry out its action, plus the registry of kinds by name.
+
+A kind is one class. It declares its params, trigger forms and refusals, and carries
+out its action through the capability it subclasses:
+
+- ``InRank``: ``fire_in_rank(fault)`` runs inside the target rank when its trigger comes
+  (kill, crash, freeze, delay); ``event_fields(fault)`` tells the harness what it must
+  know when it fired (a frozen rank, a scheduled resume).
+- ``HarnessSide``: ``action(fault, run)`` returns a ``RunAction`` that the parent drives
+  through the moments of one run (before the store, before the ranks, after, clean-up).
+  ``run`` is anything with the ``RunControl`` methods: the kind never reaches into the
+  harness's state.
+
+Other code asks a kind what it can do (``isinstance(kind, InRank)``, ``kind.targets_rank``),
+never what it is called. Stdlib only: imported in the pytest process and inside ranks.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults._words import did_you_mean, show
+from pytest_ddpfault.faults.params import Param
+from pytest_ddpfault.faults.triggers import Trigger
+
+if TYPE_CHECKING:
+    from pytest_ddpfault.faults.spec import Fault
+
+__all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "RunAction", "RunControl",
+           "kind_named", "kind_names", "kinds_with", "register"]
+
+KINDS: dict[str, FaultKind] = {}
+CAPABILITIES = ("acts_in_rank", "targets_rank", "harness_side", "needs_proxy", "before_ranks",
+                "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank")
+
+
+def register(cls: type[FaultKind]) -> type[FaultKind]:
+    """Class decorator: one instance of the kind, registered under its name."""
+    if cls.name in KINDS:
+        raise ValueError(f"fault kind {cls.name!r} is registered twice")
+    KINDS[cls.name] = cls()
+    return cls
+
+
+class FaultKind:
+    """A fault kind's declaration: params (in print order), trigger forms, refusals, flags."""
+
+    name: ClassVar[str] = ""
+    doc: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()   # declared order = canonical print order
+    refused: ClassVar[Mapping[str, str]] = {}  # key -> why this kind does not take it
+    targets_rank: ClassVar[bool] = False       # its rank counts as faulted, not a survivor
+    freezes_rank: ClassVar[bool] = False       # its rank stays stopped (SIGSTOP) after it fires
+    before_ranks: ClassVar[bool] = False       # set up before any rank starts (rank 0 hosts the store)
+    needs_proxy: ClassVar[bool] = False        # the store traffic must go through Toxiproxy
+    once_per_plan: ClassVar[bool] = False      # two in one plan would clash
+    toxic_type: ClassVar[str | None] = None    # the Toxiproxy toxic it adds, if any
+
+    @property
+    def acts_in_rank(self) -> bool:
+        return isinstance(self, InRank)
+
+    @property
+    def harness_side(self) -> bool:
+        return isinstance(self, HarnessSide)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def takes_rank(self) -> bool:
+        return "rank" in self.keys
+
+    @property
+    def takes_at(self) -> bool:
+        return "at" in self.keys
+
+    @property
+    def is_toxic(self) -> bool:
+        return self.toxic_type is not None
+
+    @property
+    def default_at(self) -> Trigger | None:
+        return self.param("at").default if self.takes_at else None
+
+    @property
+    def trigger_forms(self) -> frozenset[str]:
+        return self.param("at").type.forms if self.takes_at else frozenset()
+
+    def param(self, key: str, fragment: str | None = None) -> Param:
+        for p in self.params:
+            if p.name == key:
+                return p
+        fragment = fragment or key
+        takes = f"{self.name} takes: {', '.join(self.keys) or 'no params'}"
+        if key in self.refused:
+            raise FaultSpecError(f"{self.name} takes no {key}: {self.refused[key]}; "
+                                 f"remove {fragment!r}. {takes}")
+        raise FaultSpecError(f"{self.name} does not take {key!r}{did_you_mean(key, self.keys)}; {takes}")
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        """Checks across params (after each was parsed); raise FaultSpecError."""
+
+    def repeats(self, fault: Fault) -> bool:
+        """True when the fault fires on every counted call from its trigger on."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<fault kind {self.name}({', '.join(self.keys)})>"
+
+
+class InRank(FaultKind):
+    """Capability: the action runs inside the target rank, before the call it is due on."""
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        raise NotImplementedError
+
+    def event_fields(self, fault: Fault) -> dict[str, Any]:
+        """Extra fields of the fault event the rank sends when it fires (JSON values)."""
+        return {}
+
+
+class RunControl(Protocol):
+    """What one run offers the harness-side actions (``parent.run.GroupRun`` has these)."""
+
+    store_proxy: Any        # the run's store proxy (toxiproxy client side), when it has one
+
+    def at(self, seconds_from_start: float, callback) -> None: ...
+    def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "") -> None: ...
+    def host_store_in_rank0(self, port: int) -> None: ...
+    def stop_store(self) -> None: ...
+
+
+class RunAction:
+    """One harness-side fault in one run; each moment is optional."""
+
+    def __init__(self, fault: Fault, run: RunControl) -> None:
+        self.fault, self.run = fault, run
+
+    def before_ranks(self, setup) -> None:
+        """Before the store starts (``setup`` is the set-up deadline)."""
+
+    def before_launch(self) -> None:
+        """The store (and its proxy) is up; the ranks are not started yet."""
+
+    def after_ranks(self) -> None:
+        """The ranks exist: the run's clock has started (schedule with ``run.at``)."""
+
+    def cleanup(self) -> None:
+        """Always called, also when the run failed."""
+
+    def fire(self, detail: str = "", trigger: str | None = None) -> None:
+        at = self.fault.resolved_at()
+        self.run.record(self.fault.kind, None, trigger or (str(at) if at else "start"), str(self.fault), detail)
+
+
+class HarnessSide(FaultKind):
+    """Capability: the parent carries it out around one run; the whole group is hit."""
+
+    refused = {"rank": "it acts on the whole group from the harness"}
+
+    def action(self, fault: Fault, run: RunControl) -> RunAction:
+        raise NotImplementedError
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(sorted(KINDS))
+
+
+def kind_named(name: Any) -> FaultKind:
+    if isinstance(name, str) and name in KINDS:
+        return KINDS[name]
+    hint = did_you_mean(name, KINDS) if isinstance(name, str) else ""
+    raise FaultSpecError(f"unknown fault kind {show(name)!r}{hint}; kinds: {', '.join(kind_names())}")
+
+
+def kinds_with(capability: str) -> tuple[str, ...]:
+    """Names of the kinds that have ``capability`` (one of ``CAPABILITIES``), sorted."""
+    if capability not in CAPABILITIES:
+        raise FaultSpecError(f"unknown capability {capability!r}{did_you_mean(capability, CAPABILITIES)}"
+                             f"; capabilities: {', '.join(CAPABILITIES)}")
+    return tuple(n for n in kind_names() if getattr(KINDS[n], capability))

@@ -1,0 +1,110 @@
+"""Process faults, carried out inside the target rank: kill, crash, freeze, delay."""
+from __future__ import annotations
+
+import builtins
+import importlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults.base import InRank, register
+from pytest_ddpfault.faults.params import (
+    BOOL, POSITIVE_SECONDS, RANK, SECONDS, SHORT, ExceptionName, Fuzz, Number, Param, SignalName, Text, at_param,
+)
+
+if TYPE_CHECKING:
+    from pytest_ddpfault.faults.spec import Fault
+
+RANK_AT = at_param("collective#1", "init", "op", "step", "time")
+
+
+class _Targeting(InRank):
+    targets_rank = True   # the rank it hits is not a survivor
+
+
+@register
+class KillRank(_Targeting):
+    name = "kill_rank"
+    doc = "the rank sends itself `signal` at the trigger"
+    params = (RANK, RANK_AT, Param("signal", SignalName(), "SIGKILL", "signal name or number",
+                                   Fuzz.of("SIGKILL", "SIGTERM", "SIGSEGV")))
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        os.kill(os.getpid(), signal.Signals[fault.get("signal")])
+
+
+def _import_exception(name: str) -> type[BaseException]:
+    if "." not in name:
+        return getattr(builtins, name)
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"crash_rank: cannot import exception {name!r}")
+
+
+@register
+class CrashRank(_Targeting):
+    name = "crash_rank"
+    doc = "the rank raises `exc(message)`, or with `code` writes message and calls os._exit(code)"
+    params = (RANK, RANK_AT,
+              Param("exc", ExceptionName(), "RuntimeError", "exception class to raise",
+                    Fuzz.of("RuntimeError", "ValueError", "OSError")),
+              Param("message", Text(), "crash_rank injected by pytest-ddpfault", "its message",
+                    Fuzz.never()),
+              Param("code", Number(int, hi=255), None, "exit code: exit instead of raising", Fuzz.between(0, 3)))
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        if "exc" in values and "code" in values:
+            raise FaultSpecError(f"crash_rank: exc={values['exc']} and code={values['code']} exclude "
+                                 "each other (code exits without raising); give one of them")
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        code = fault.get("code")
+        if code is None:
+            raise _import_exception(fault.get("exc"))(fault.get("message"))
+        sys.stderr.write(f"{fault.get('message')}\n")
+        for stream in (sys.stdout, sys.stderr):  # os._exit skips the flush at exit
+            stream.flush()
+        os._exit(code)
+
+
+@register
+class HangRank(_Targeting):
+    name = "hang_rank"
+    doc = "the rank stops itself with SIGSTOP (sockets stay open); the harness may SIGCONT it"
+    freezes_rank = True
+    params = (RANK, RANK_AT,
+              Param("resume_after", POSITIVE_SECONDS, None, "seconds until SIGCONT (default: never)", SHORT))
+
+    def event_fields(self, fault: Fault) -> dict[str, Any]:
+        # sent before the SIGSTOP: the harness learns the rank is frozen, and when to resume it
+        return {"freezes": True, "resume_after": fault.get("resume_after")}
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@register
+class Delay(InRank):
+    name = "delay"
+    doc = "the rank sleeps before the op (a straggler: it stays a survivor)"
+    # No t=: a delay acts before a call, and a clock has no call to hold back.
+    params = (RANK, at_param("collective#1", "init", "op", "step"),
+              Param("seconds", SECONDS, 1.0, "seconds to sleep", SHORT),
+              Param("every", BOOL, False, "sleep before every call from the trigger on", Fuzz.of(False, True)))
+
+    def repeats(self, fault: Fault) -> bool:
+        return fault.get("every")
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        time.sleep(fault.get("seconds"))

@@ -1,0 +1,172 @@
+"""When a fault fires: ``Trigger`` (its grammar and value) and ``TriggerCounter`` (the one
+place that decides "due now" and "fires once", used inside every armed process).
+
+Stdlib only: imported by the pytest process and inside rank processes.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults._words import did_you_mean, missing_hash
+
+__all__ = ["ALL_FORMS", "COLLECTIVE_OPS", "KNOWN_OPS", "TRIGGER_FORMS", "Trigger", "TriggerCounter"]
+
+# torch.distributed's collective and point-to-point functions (async ones included);
+# `collective` is the wildcard: any of them.
+KNOWN_OPS = frozenset({
+    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_object",
+    "all_gather_into_tensor", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor",
+    "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list", "barrier",
+    "monitored_barrier", "reduce", "gather", "gather_object", "scatter", "scatter_object_list",
+    "send", "recv", "isend", "irecv", "send_object_list", "recv_object_list",
+    "batch_isend_irecv", "new_group", "collective",
+})
+# What `collective` counts: new_group only builds a group, it is not a collective call.
+COLLECTIVE_OPS = KNOWN_OPS - {"collective", "new_group"}
+
+TRIGGER_FORMS = {"init": "init", "op": "OP or OP#N (e.g. all_reduce#1)",
+                  "step": "step#N", "time": "t=SECONDS"}
+ALL_FORMS = ", ".join(TRIGGER_FORMS.values())
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """When a fault fires: ``init``, the Nth call of an op, the Nth ``step()``, or ``t=S``."""
+
+    kind: str                      # "init" | "op" | "step" | "time"
+    op: str | None = None          # the op name, for kind "op"
+    n: int | None = None           # the call number (from 1), for "op" and "step"
+    seconds: float | None = None   # for "time"
+
+    def __post_init__(self) -> None:
+        # The one validator: parse() builds through it, and so do Python callers.
+        counted = self.kind in ("op", "step")
+        if self.kind not in TRIGGER_FORMS or (self.op is not None) != (self.kind == "op") \
+                or (self.n is not None) != counted or (self.seconds is not None) != (self.kind == "time"):
+            raise FaultSpecError(f"not a trigger: {self!r}; triggers are {ALL_FORMS}")
+        if self.kind == "op" and self.op not in KNOWN_OPS:
+            hint = missing_hash(str(self.op), KNOWN_OPS | {"step"}) or did_you_mean(str(self.op), KNOWN_OPS | {"init", "step"})
+            raise FaultSpecError(f"unknown op {self.op!r}{hint}; triggers are {ALL_FORMS}; "
+                                 f"OP is one of: {', '.join(sorted(KNOWN_OPS))}")
+        if counted and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise FaultSpecError(f"calls count from 1: the first call is {self.op or 'step'}#1")
+        s = self.seconds
+        if self.kind == "time":
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+                raise FaultSpecError("SECONDS must be a number >= 0, e.g. t=1.5")
+            object.__setattr__(self, "seconds", float(s) + 0.0)  # +0.0 folds -0.0 into 0.0
+
+    @classmethod
+    def parse(cls, text: str | Trigger) -> Trigger:
+        if isinstance(text, Trigger):
+            return text
+        if not isinstance(text, str):
+            raise FaultSpecError(f"expected a trigger ({ALL_FORMS}), got {type(text).__name__} {text!r}")
+        try:
+            return cls._parse(text.strip())
+        except FaultSpecError as e:
+            raise FaultSpecError(f"bad trigger {text.strip()!r}: {e}") from None
+
+    @classmethod
+    def _parse(cls, spec: str) -> Trigger:
+        if spec == "init":
+            return cls("init")
+        m = re.fullmatch(r"t\s*=\s*(.*)", spec, re.S)
+        if m:
+            try:
+                seconds = float(m.group(1))
+            except ValueError:
+                raise FaultSpecError("SECONDS must be a number >= 0, e.g. t=1.5") from None
+            return cls("time", seconds=seconds)
+        m = re.fullmatch(r"([A-Za-z_]\w*)\s*(?:#(.*))?", spec, re.S)
+        if not m:
+            raise FaultSpecError(f"expected one of {ALL_FORMS}")
+        name, count = m.groups()
+        if name == "init":
+            raise FaultSpecError("init happens once: write at=init, without a call number")
+        if count is not None and not count.strip().isdecimal():
+            raise FaultSpecError(f"the call number must be a whole number >= 1, e.g. {name}#1")
+        n = 1 if count is None else int(count)
+        return cls("step", n=n) if name == "step" else cls("op", op=name, n=n)
+
+    @property
+    def counted(self) -> tuple[str, int] | None:
+        """(what is counted, at which call) for call-driven triggers; None for ``t=``."""
+        if self.kind == "time":
+            return None
+        return (self.op if self.kind == "op" else self.kind), (self.n or 1)
+
+    def __str__(self) -> str:
+        if self.kind in ("op", "step"):
+            return f"{self.op or 'step'}#{self.n}"
+        return f"t={self.seconds!r}" if self.kind == "time" else "init"
+
+
+class TriggerCounter:
+    """Counts one rank's calls (ops, ``step``, ``init``) and says which faults are due.
+
+    A fault fires at most once, except one whose kind ``repeats`` it (delay every=true):
+    that one fires on every counted call from its trigger on.  ``collective`` counts every
+    call in ``COLLECTIVE_OPS``; record each user-visible call once.  Thread-safe: a timer
+    thread (``due_at``) and the rank's main thread (``record``) both use it.
+    """
+
+    def __init__(self, faults: Any = (), *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        from pytest_ddpfault.faults.spec import parse_plan, rank_faults  # spec builds on triggers
+
+        plan = parse_plan(faults)
+        if rank is not None:
+            if world_size is None:
+                raise TypeError("TriggerCounter(rank=...) needs world_size to resolve default ranks")
+            plan = rank_faults(plan, rank, world_size)
+        self.faults = plan
+        # Resolved once: record() runs on every op of the rank.
+        triggers = [(i, f.resolved_at()) for i, f in enumerate(plan)]
+        self._calls = [(i, *at.counted) for i, at in triggers if at is not None and at.counted]
+        self._times = [(i, at.seconds) for i, at in triggers if at is not None and at.kind == "time"]
+        self._counts: Counter[str] = Counter()
+        self._fired: set[int] = set()  # indices: equal faults in one plan fire separately
+        self._lock = threading.Lock()
+
+    def count(self, name: str) -> int:
+        return self._counts[name]
+
+    def record(self, name: str) -> tuple[Fault, ...]:
+        """Count one call of ``name`` (an op, ``step`` or ``init``); return the faults due."""
+        with self._lock:
+            self._counts[name] += 1
+            if name in COLLECTIVE_OPS:
+                self._counts["collective"] += 1
+            due = []
+            for i, watched, n in self._calls:
+                if watched != name and not (watched == "collective" and name in COLLECTIVE_OPS):
+                    continue
+                seen, fault = self._counts[watched], self.faults[i]
+                if seen == n or (seen > n and fault.definition.repeats(fault)):
+                    self._fired.add(i)
+                    due.append(fault)
+            return tuple(due)
+
+    def due_at(self, elapsed: float) -> tuple[Fault, ...]:
+        """The ``t=`` faults whose time has come by ``elapsed`` seconds, each returned once."""
+        with self._lock:
+            due = [i for i, s in self._times if s <= elapsed and i not in self._fired]
+            self._fired.update(due)
+            return tuple(self.faults[i] for i in due)
+
+    def next_time(self) -> float | None:
+        """Seconds of the earliest ``t=`` fault not yet fired (for a timer), or None."""
+        with self._lock:
+            return min((s for i, s in self._times if i not in self._fired), default=None)
+
+    def pending(self) -> tuple[Fault, ...]:
+        """Faults that have not fired (yet)."""
+        with self._lock:
+            return tuple(f for i, f in enumerate(self.faults) if i not in self._fired)
