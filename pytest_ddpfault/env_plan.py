@@ -50,7 +50,7 @@ from pytest_ddpfault.results import qualified_name
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
     "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
-    "parse_env_plan", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
+    "parse_env_plan", "parse_event_lines", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
 ]
 
 ENV_PLAN = "DDPFAULT_PLAN"
@@ -194,6 +194,11 @@ def read_events(path: str) -> list[dict]:
             lines = f.read().splitlines()
     except OSError:
         return []
+    return parse_event_lines(lines)
+
+
+def parse_event_lines(lines: Iterable[bytes]) -> list[dict]:
+    """The records of whole ``DDPFAULT_EVENTS`` lines (one that is not a JSON object is skipped)."""
     out = []
     for line in lines:
         try:
@@ -288,6 +293,7 @@ class _Activation:
         self.env_rank = _env_int(env, "RANK")
         self.rank: int | None = None      # set once the plan is installed
         self.installed = False
+        self.firer = None                 # the installed plan's FaultFirer
         self._stack_file = None
         self._die_with_parent = env.get(ENV_DIE_WITH_PARENT) == "1"
 
@@ -301,8 +307,9 @@ class _Activation:
                               "world_size": _env_int(self.env, "WORLD_SIZE"),
                               "start_ticks": proc_start_ticks(), "time": self.started})
             self._watch_exit()
-        if self.faults:
-            _TorchWatch(self.on_torch_distributed).arm()
+        # Armed means the same in every process, whether or not one of its faults is due in
+        # this attempt: its calls are counted (and its rank, its end are recorded).
+        _TorchWatch(self.on_torch_distributed).arm()
 
     # -- stacks and the end of the process --------------------------------------------
     def _register_stack_dump(self) -> None:
@@ -323,17 +330,53 @@ class _Activation:
         previous = sys.excepthook
 
         def excepthook(exc_type, exc, tb):
-            import traceback
-
-            self.events.send({
-                "type": "exception", "rank": self.current_rank(),
-                "exc_type": qualified_name(exc_type), "exc_mro": [qualified_name(c) for c in exc_type.__mro__],
-                "message": str(exc), "traceback": "".join(traceback.format_exception(exc_type, exc, tb)),
-            })
+            if exc is not None:
+                if exc.__traceback__ is None:
+                    exc.__traceback__ = tb
+                self.record_exception(exc)
             previous(exc_type, exc, tb)
 
         sys.excepthook = excepthook
-        atexit.register(lambda: self.events.send({"type": "exit", "rank": self.current_rank()}))
+        atexit.register(self._send_exit)
+
+    def record_exception(self, exc: BaseException) -> None:
+        """An exception that ends the process's work (excepthook, or one that ``mp.spawn``
+        catches and turns into ``sys.exit(1)``)."""
+        import traceback
+
+        exc_type = type(exc)
+        self.events.send({
+            "type": "exception", "rank": self.current_rank(),
+            "exc_type": qualified_name(exc_type), "exc_mro": [qualified_name(c) for c in exc_type.__mro__],
+            "message": str(exc), "traceback": "".join(traceback.format_exception(exc_type, exc, exc.__traceback__)),
+        })
+
+    def _send_exit(self) -> None:
+        event = {"type": "exit", "rank": self.current_rank()}
+        if self.firer is not None:
+            event["unfired"] = self.unfired()
+        self.events.send(event)
+
+    def unfired(self) -> list[dict]:
+        """This process's faults that have not fired, and why: the trigger never came."""
+        counter, out = self.firer.counter, []
+        for fault in counter.pending():
+            at = fault.resolved_at()
+            if at is None:
+                continue
+            if at.kind == "time":
+                why = (f"the trigger never came: the process ended "
+                       f"{time.monotonic() - self.started:.2f}s after it started, before {at}")
+            elif at.kind == "init":
+                why = "the trigger never came: init_process_group was never called"
+            else:
+                name, n = at.counted
+                seen = counter.count(name)
+                what = "pytest_ddpfault.step()" if name == "step" else name
+                why = (f"the trigger never came: {what} was called {seen} time{'' if seen == 1 else 's'}, "
+                       f"at={at} needs {n}")
+            out.append({"spec": str(fault), "why": why})
+        return out
 
     def current_rank(self) -> int | None:
         return self.rank if self.rank is not None else self.env_rank
@@ -341,6 +384,8 @@ class _Activation:
     # -- installing the plan ----------------------------------------------------------
     def on_torch_distributed(self) -> None:
         """torch and torch.distributed have finished importing."""
+        if self.events_path:
+            _watch_children(self)
         rank, world_size = _env_int(os.environ, "RANK"), _env_int(os.environ, "WORLD_SIZE")
         if rank is not None and world_size is not None:
             self.install(rank, world_size)
@@ -356,12 +401,29 @@ class _Activation:
         try:
             for fault in self.faults:
                 fault.validate(world_size)
-            firer = install_plan(self.faults, rank, world_size, self.events, started=self.started)
+            # Every rank counts, with or without a fault due in it in this attempt.
+            firer = install_plan(self.faults, rank, world_size, _FreezeAware(self), started=self.started,
+                                 count_without_faults=True)
         except FaultSpecError as e:
             raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
                                f"{e}") from None
+        self.firer = firer
         self.events.send({"type": "armed", "rank": rank, "world_size": world_size,
                           "faults": [str(f) for f in firer.counter.faults]})
+
+    def dump_stacks(self, why: str) -> None:
+        """Every thread's stack, now, into this process's stack file (before it freezes:
+        a stopped process cannot dump them when asked)."""
+        if self._stack_file is None:
+            return
+        import faulthandler
+
+        try:
+            self._stack_file.write(f"{why}\n")
+            self._stack_file.flush()
+            faulthandler.dump_traceback(file=self._stack_file, all_threads=True)
+        except (OSError, ValueError):
+            pass
 
     def _install_on_init(self) -> None:
         """No rank yet: install inside the first ``init_process_group`` call."""
@@ -395,6 +457,79 @@ class _Activation:
         init_process_group.__ddpfault_wrapped__ = True
         c10d.init_process_group = init_process_group
         dist.init_process_group = init_process_group
+
+
+class _FreezeAware:
+    """The event sink given to the plan: before a fault that freezes the process
+    (``hang_rank``) is announced, the process's stacks go into its stack file."""
+
+    def __init__(self, state: _Activation) -> None:
+        self.state = state
+
+    def send(self, event: dict) -> None:
+        if event.get("type") == "fault" and event.get("freezes"):
+            self.state.dump_stacks(f"frozen by {event.get('spec')} at {event.get('trigger')} "
+                                   "(stacks as it froze itself):")
+        self.state.events.send(event)
+
+
+def _watch_children(state: _Activation) -> None:
+    """Record how this process's ``multiprocessing`` children end, and what a
+    ``torch.multiprocessing.spawn`` worker raised.
+
+    ``mp.spawn`` runs each worker in ``_wrap``, which catches the worker's exception,
+    hands its text to the parent and calls ``sys.exit(1)``: the interpreter never sees the
+    exception. Its ``_wrap`` is replaced (by name: the parent pickles it by name and the
+    child looks it up after torch has been imported, i.e. after this ran) with one that
+    records the exception first. The parent's ``Popen`` records each child's exit code
+    (or signal) when it reaps it, and each signal it sends (``terminate()``, ``kill()``).
+    """
+    import functools
+    import importlib
+    from multiprocessing import popen_fork
+
+    try:  # the module: torch.multiprocessing.spawn, the attribute, is the function
+        tspawn = importlib.import_module("torch.multiprocessing.spawn")
+    except ImportError:
+        tspawn = None
+    original = getattr(tspawn, "_wrap", None)
+    if original is not None and not getattr(original, "__ddpfault_wrapped__", False):
+        @functools.wraps(original)
+        def _wrap(fn, i, *rest):
+            state.events.send({"type": "spawned", "index": i, "rank": state.current_rank()})
+
+            def recorded(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    state.record_exception(exc)
+                    raise
+            return original(recorded, i, *rest)
+
+        _wrap.__ddpfault_wrapped__ = True
+        tspawn._wrap = _wrap
+
+    popen = popen_fork.Popen
+    if getattr(popen.poll, "__ddpfault_wrapped__", False):
+        return
+    poll, send_signal = popen.poll, popen._send_signal
+
+    @functools.wraps(poll)
+    def recording_poll(self, *args, **kwargs):
+        before = self.returncode
+        code = poll(self, *args, **kwargs)
+        if before is None and self.returncode is not None:
+            state.events.send({"type": "child_exit", "child": self.pid, "code": self.returncode})
+        return code
+
+    @functools.wraps(send_signal)
+    def recording_send_signal(self, sig):
+        if self.returncode is None:
+            state.events.send({"type": "child_signal", "child": self.pid, "signal": int(sig)})
+        return send_signal(self, sig)
+
+    recording_poll.__ddpfault_wrapped__ = True
+    popen.poll, popen._send_signal = recording_poll, recording_send_signal
 
 
 def _rank_from_call(signature, args: tuple, kwargs: dict) -> tuple[int | None, int | None]:

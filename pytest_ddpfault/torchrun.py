@@ -42,14 +42,23 @@ from pytest_ddpfault._deadline import Deadline
 from pytest_ddpfault._procfs import descendants
 from pytest_ddpfault.errors import TorchrunError
 from pytest_ddpfault.harness import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
+from pytest_ddpfault.launcher import RUN_DIR_PREFIX
 from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 
-__all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "WorkerResult", "run_script",
-           "run_torchrun"]
+__all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
+           "run_script", "run_torchrun"]
 
 REAP_BUDGET = 10.0          # for killed processes to be gone
 _PAUSE = 0.02               # the longest a deadline-bounded wait blocks before looking again
+_WATCH = 0.05               # how often a run's events and frozen workers are looked at
+# ddp.torchrun's default (env= overrides it): the workers' store is not the agent's, whose keys
+# survive a restart (pytorch#135712; see README, "Restarts and the agent's store").
+SHARE_RDZV_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+# Signals that ask a process to stop: one of these pending in a process that hang_rank froze
+# means its launcher is stopping the workers (it would wait out its grace period in vain).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+AGENT_STOPPED = "stopped by the torchrun agent after another worker failed"
 # What the parent environment must not pass to the launcher: it makes its own group.
 _GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -89,13 +98,33 @@ class WorkerResult(RankResult):
     error_file: str | None = None
 
     def detail(self) -> str:
-        return "exited normally" if self.status == "ok" else super().detail()
+        if self.status == "ok":
+            return "exited normally"
+        if self.status == "killed" and self.note:
+            return f"{super().detail()}: {self.note}"
+        if self.status == "exited" and self.note:
+            return f"{super().detail()} ({self.note})"
+        return super().detail()
 
     def report(self) -> str:
         head, _, rest = super().report().partition("\n")
         where = f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):"
         head = head.replace(f"--- rank {self.rank}:", where, 1)
         return f"{head}\n{rest}" if rest else head
+
+
+@dataclass(frozen=True)
+class UnfiredFault:
+    """A fault of the plan that did not fire in an attempt, and why."""
+
+    spec: str
+    rank: int | None
+    attempt: int
+    why: str
+
+    def __str__(self) -> str:
+        where = f" on rank {self.rank}" if self.rank is not None else ""
+        return f"{self.spec} did not fire{where} in attempt {self.attempt}: {self.why}"
 
 
 @dataclass
@@ -116,6 +145,7 @@ class TorchrunResult:
     max_restarts: int = 0
     launcher_stack: str | None = None   # the launcher's stacks when it was ended at the deadline
     events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
+    unfired: list = field(default_factory=list)          # UnfiredFault: what the plan asked for in vain
 
     @property
     def ok(self) -> bool:
@@ -158,6 +188,7 @@ class TorchrunResult:
         if self.plan:
             lines.append(f"fault plan: {self.plan}")
         lines += [f"fired: {ev}" for ev in self.fault_events]
+        lines += [f"not fired: {u}" for u in self.unfired]
         return "\n".join(lines)
 
     def report(self) -> str:
@@ -196,7 +227,7 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
         raise ValueError(f"max_restarts must be a whole number >= 0, got {max_restarts!r}")
     plan = env_plan.validate_env_plan(faults, nproc)
     target, is_module = _target(script_or_module)
-    run = _LaunchRun(plan, timeout, env, cwd)
+    run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"})
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
             f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--log-dir={run.log_dir}",
             "--tee=3", *map(str, torchrun_args), *(["--module"] if is_module else []), target,
@@ -231,8 +262,9 @@ def _target(script_or_module) -> tuple[str, bool]:
 # --- one run ---------------------------------------------------------------------------------
 
 class _LaunchRun:
-    def __init__(self, plan: tuple, timeout, env: dict | None, cwd) -> None:
+    def __init__(self, plan: tuple, timeout, env: dict | None, cwd, defaults: dict | None = None) -> None:
         self.plan = plan
+        self.defaults = dict(defaults or {})
         self.timeout = check_timeout(timeout, "timeout")
         self.user_env = dict(env or {})
         self.cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
@@ -241,7 +273,9 @@ class _LaunchRun:
                 f"the {env_plan.ENV_PLAN} import hook ({env_plan.PTH_NAME}) is not installed for "
                 f"{sys.executable}: install the package (pip install pytest-ddpfault, or pip install -e . "
                 "from a checkout) rather than putting it on PYTHONPATH")
-        self.dir = tempfile.mkdtemp(prefix="ddpf-run-", dir=_short_tmp())
+        # The owner's pid in the name: launcher.sweep_stale_files removes it if the owner
+        # died without cleaning up.
+        self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-run-", dir=_short_tmp())
         self.log_dir = os.path.join(self.dir, "logs")
         self.events_path = os.path.join(self.dir, "events.jsonl")
         self.proc: subprocess.Popen | None = None
@@ -250,11 +284,18 @@ class _LaunchRun:
         self.timed_out = False
         self.ended: set[int] = set()       # pids ended at the deadline
         self.ended_at = 0.0
+        self.tail: _EventTail | None = None
+        self.watched: dict[int, int] = {}  # pidfd -> pid of each recorded process still running
+        self.gone_at: dict[int, float] = {}  # pid -> when it was seen to end (monotonic)
+        self.frozen: dict[int, dict] = {}  # pid -> the fault event of the hang_rank that froze it
+        self.released: dict[int, tuple[float, int]] = {}  # frozen pid -> (when killed, the stop signal)
 
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items()
                if k not in _GROUP_ENV and k not in _OWN_ENV and not k.startswith("TORCHELASTIC_")}
         env.setdefault("OMP_NUM_THREADS", "1")
+        for key, value in self.defaults.items():
+            env.setdefault(key, value)
         env.update({env_plan.ENV_PLAN: env_plan.format_env_plan(self.plan),
                     env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: "1"})
         env.update({k: str(v) for k, v in self.user_env.items()})
@@ -269,6 +310,7 @@ class _LaunchRun:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                              env=self.env(), cwd=self.cwd, start_new_session=True)
             self.pidfd = os.pidfd_open(self.proc.pid)
+            self.tail = _EventTail(self.events_path)
             if not self._wait(deadline):
                 self.timed_out = True
                 self._end_at_deadline()
@@ -279,25 +321,68 @@ class _LaunchRun:
             self._cleanup()
 
     def _wait(self, until: Deadline) -> bool:
-        """Wait for the launcher to exit; False when ``until`` came first."""
+        """Wait for the launcher to exit; False when ``until`` came first. Meanwhile, note
+        when each recorded process ends, and release the workers hang_rank froze once
+        something asks them to stop."""
         while self.proc.poll() is None:
             if until.expired():
                 return False
-            select.select([self.pidfd], [], [], until.remaining())
+            self._watch()
+            ready, _, _ = select.select([self.pidfd, *self.watched], [], [], min(until.remaining(), _WATCH))
+            self._note_gone(ready)
+        self._watch()
         return True
+
+    def _watch(self) -> None:
+        for ev in self.tail.read():
+            pid = ev.get("pid")
+            if ev.get("type") == "process" and pid and ev.get("start_ticks") is not None:
+                self._watch_process(pid, ev["start_ticks"])
+            elif ev.get("type") == "fault" and ev.get("freezes") and pid:
+                self.frozen[pid] = ev
+        for pid in self.frozen:
+            if pid in self.released or pid in self.gone_at:
+                continue
+            stop = _pending_stop_signal(pid)
+            if stop is not None and _proc_state(pid) in ("T", "t"):
+                # Stopped, it cannot act on the signal: whoever sent it would wait out its
+                # grace period (torchrun's agent: 30 s) for nothing.
+                self.released[pid] = (time.monotonic(), stop)
+                _kill_with_group(pid)
+
+    def _watch_process(self, pid: int, ticks: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        if env_plan.proc_start_ticks(pid) != ticks:  # gone already (or the pid is someone else's)
+            os.close(fd)
+            return
+        self.watched[fd] = pid
+
+    def _note_gone(self, ready: list) -> None:
+        now = time.monotonic()
+        for fd in ready:
+            pid = self.watched.pop(fd, None)
+            if pid is not None:
+                self.gone_at.setdefault(pid, now)
+                os.close(fd)
 
     # -- the deadline ----------------------------------------------------------------------
     def _end_at_deadline(self) -> None:
         """Stacks first (where the hook registered them), then kill the whole tree."""
         root = self.proc.pid
         self.ended_at = time.monotonic()
+        self._watch()
         tree = [root, *descendants(root)]
         dumping = []
         for pid in tree:
             path = env_plan.stack_path(self.events_path, pid)
-            if os.path.exists(path):   # registered: SIGUSR1 dumps stacks instead of killing it
-                _signal(pid, signal.SIGUSR1)
-                _signal(pid, signal.SIGCONT)   # a frozen (hang_rank) process handles it on resume
+            # A stopped process (hang_rank froze it) stays stopped until it is killed: waking
+            # it would let its user code run on past the deadline. Its stacks were taken as
+            # it froze itself.
+            if os.path.exists(path) and _proc_state(pid) not in ("T", "t"):
+                _signal(pid, signal.SIGUSR1)   # registered: SIGUSR1 dumps stacks instead of killing it
                 dumping.append(SimpleNamespace(pid=pid, stack_path=path, exit=None))
         self.ended.update(tree)
 
@@ -341,6 +426,9 @@ class _LaunchRun:
                 pass
         if self.pidfd is not None:
             os.close(self.pidfd)
+        for fd in self.watched:
+            os.close(fd)
+        self.watched.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- results ---------------------------------------------------------------------------
@@ -358,6 +446,7 @@ class _LaunchRun:
             for ev in events if ev.get("type") == "fault"), key=lambda e: e.time)
         res.workers = self._workers(events, stdout + stderr)
         res.restarts = max((w.attempt for w in res.workers), default=0)
+        res.unfired = self._unfired(events, res.workers, res.restarts)
         if self.timed_out:
             res.launcher_stack = _read_tail(env_plan.stack_path(self.events_path, self.proc.pid)) or None
         return res
@@ -368,52 +457,135 @@ class _LaunchRun:
             by_pid.setdefault(ev.get("pid"), []).append(ev)
         failed = {int(pid): int(code) for code, _, pid in _AGENT_FAILED.findall(launcher_output)}
         stopped = {int(pid): sig for pid, sig in _AGENT_STOPPED.findall(launcher_output)}
+        # What a spawning parent (mp.spawn) saw of its children: exit codes and signals it sent.
+        child_exit = {ev["child"]: ev["code"] for ev in events if ev.get("type") == "child_exit"}
+        child_signal = {ev["child"]: (ev["signal"], ev.get("pid")) for ev in events
+                        if ev.get("type") == "child_signal"}
         workers = []
         for pid, evs in by_pid.items():
-            rank = next((ev["rank"] for ev in evs if ev.get("rank") is not None), None)
+            spawned = _first(evs, "spawned")
+            rank = next((ev["rank"] for ev in evs if ev.get("rank") is not None),
+                        spawned.get("index") if spawned else None)
             start = next((ev for ev in evs if ev.get("type") == "process"), None)
             if rank is None or start is None or pid == self.proc.pid:
                 continue  # the launcher itself, or a process that never knew its rank
-            workers.append(self._worker(pid, rank, start, evs, failed.get(pid), stopped.get(pid)))
+            code = failed.get(pid, child_exit.get(pid))
+            workers.append(self._worker(pid, rank, start, evs, code, stopped.get(pid), child_signal.get(pid),
+                                        spawned))
         return sorted(workers, key=lambda w: (w.attempt, w.rank, w.pid))
 
-    def _worker(self, pid, rank, start, evs, failed_code, stopped_by) -> WorkerResult:
+    def _worker(self, pid, rank, start, evs, code, stopped_by, parent_signal, spawned) -> WorkerResult:
+        """How one worker ended. ``code``: its exit code as its launcher reported it (the
+        agent's log, or the spawning parent's record; negative: the signal)."""
         attempt, local_rank = start.get("attempt", 0), start.get("local_rank")
+        if local_rank is None and spawned is not None:
+            local_rank = spawned.get("index")
         w = WorkerResult(rank=rank, status="exited", attempt=attempt, local_rank=local_rank, pid=pid)
         exc, exited = _first(evs, "exception"), _first(evs, "exit")
         killer = _first(evs, "fault", kind="kill_rank")
+        frozen = self.frozen.get(pid) or _first(evs, "fault", freezes=True)
+        gone = self.gone_at.get(pid)
+        stack_file = env_plan.stack_path(self.events_path, pid)
         end = None
-        if local_rank is not None:
+        if local_rank is not None and start.get("local_rank") is not None:
             w.stdout, w.stderr = (_read_tail(p) for p in self._worker_logs(attempt, local_rank))
             w.error_file = self._error_file(attempt, local_rank)
-        if failed_code is not None:
-            w.exit_code, w.signal = (failed_code, None) if failed_code >= 0 else (None, -failed_code)
-        if exc is not None:
+        if code is not None:
+            w.exit_code, w.signal = (code, None) if code >= 0 else (None, -code)
+        # The first sign of its end; after the deadline, an end does not count as finishing.
+        seen_end = min((t for t in (exc and exc.get("time"), exited and exited.get("time"), gone)
+                        if t is not None), default=None)
+        finished = seen_end is not None and (not self.timed_out or seen_end <= self.ended_at)
+        if frozen is not None and exc is None and exited is None:
+            w.status, w.exit_code, w.signal = "hung", None, None
+            froze = f"frozen by {frozen.get('spec') or 'hang_rank'} at {frozen.get('trigger')} (the plan)"
+            if pid in self.released:
+                end, sig = self.released[pid]
+                w.note = (f"{froze}; killed by the harness when its launcher sent {signal_name(sig)}, "
+                          "which a stopped process cannot act on")
+            elif self.timed_out and not finished:
+                w.note, end = f"{froze} until the harness deadline", self.ended_at
+            else:
+                w.note, end = f"{froze} until it was killed", gone
+            w.stack = _read_tail(stack_file) or None
+        elif self.timed_out and pid in self.ended and not finished:
+            w.status, w.exit_code, w.signal, end = "hung", None, None, self.ended_at
+            w.note = "still running at the harness deadline"
+            if seen_end is not None:
+                w.note += (f" (it ended {seen_end - self.ended_at:.2f}s later, while the run was being "
+                           "stopped)")
+            w.stack = _read_tail(stack_file) or None
+        elif exc is not None:
             w.status, w.exc_type, w.exc_mro = "raised", exc.get("exc_type"), tuple(exc.get("exc_mro", ()))
             w.message, w.traceback, end = exc.get("message"), exc.get("traceback"), exc.get("time")
         elif w.error_file is not None:
             w.status, (w.exc_type, w.message, w.traceback) = "raised", _read_error_file(w.error_file)
-        elif failed_code is not None:
-            w.status = "killed" if failed_code < 0 else "exited"
-        elif pid in self.ended and exited is None:
-            w.status, w.note, end = "hung", "still running at the harness deadline", self.ended_at
-            w.stack = _read_tail(env_plan.stack_path(self.events_path, pid)) or None
+        elif code is not None and code != 0:
+            w.status = "killed" if code < 0 else "exited"
+            if stopped_by is not None and code == -int(getattr(signal, stopped_by, signal.SIGTERM)):
+                w.note = AGENT_STOPPED
+            elif parent_signal is not None and (code == -parent_signal[0] or code < 0):
+                w.note = (f"its parent (pid {parent_signal[1]}) sent it {signal_name(parent_signal[0])}, "
+                          "as mp.spawn does to the others once a worker failed")
+            elif killer is not None and code < 0:
+                w.note = f"by the plan: {killer.get('spec')}"
+            end = gone
         elif killer is not None and exited is None:
             w.status, w.signal, end = "killed", _spec_signal(killer.get("spec", "")), killer.get("time")
         elif stopped_by is not None and exited is None:
             w.status, w.signal = "killed", int(getattr(signal, stopped_by, signal.SIGTERM))
-            w.note = f"stopped by the torchrun agent ({stopped_by}) after another worker failed"
-        elif exited is not None:
+            w.note, end = AGENT_STOPPED, gone
+        elif exited is not None or code == 0:
             w.status, w.exit_code = "ok", None
         else:
-            w.note = "ended without a record of how (no exception, no exit, no agent report)"
+            w.note = "ended without a record of how (no exception, no exit, no launcher report)"
+            end = gone
         for source in (exited, killer):
             if end is None and source is not None:
                 end = source.get("time")
+        if end is None:
+            end = gone
         if end is not None:
             w.duration = round(end - start["time"], 4)
             w.end_time = round(end - self.start, 4)
         return w
+
+    def _unfired(self, events: list, workers: list, restarts: int) -> list[UnfiredFault]:
+        """The plan's faults that did not fire in an attempt where they applied, and why."""
+        fired = {(ev.get("attempt", 0), ev.get("spec"), ev.get("rank"))
+                 for ev in events if ev.get("type") == "fault"}
+        world: dict[int, int] = {}
+        why_in_rank: dict[tuple, str] = {}
+        for ev in events:
+            a = ev.get("attempt", 0)
+            if ev.get("type") == "armed" and ev.get("world_size"):
+                world[a] = max(world.get(a, 0), ev["world_size"])
+            if ev.get("type") == "exit":
+                for item in ev.get("unfired") or ():
+                    why_in_rank[(a, item.get("spec"), ev.get("rank"))] = item.get("why", "")
+        last = {(w.attempt, w.rank): w for w in workers}
+        out = []
+        for item in self.plan:
+            spec = str(item.fault)
+            for a in ([item.attempt] if item.attempt is not None else range(restarts + 1)):
+                if a > restarts:
+                    plural = "" if restarts == 1 else "s"
+                    out.append(UnfiredFault(spec, item.fault.rank, a, f"attempt {a} never ran (the run "
+                                                                      f"made {restarts} restart{plural})"))
+                    continue
+                rank = item.fault.resolved_rank(world[a]) if a in world else item.fault.rank
+                if (a, spec, rank) in fired:
+                    continue
+                why = why_in_rank.get((a, spec, rank))
+                if why is None:
+                    w = last.get((a, rank))
+                    if w is None:
+                        why = (f"no process of attempt {a} armed as rank {rank} (none imported "
+                               "torch.distributed, or none learnt its rank)")
+                    else:
+                        why = f"rank {rank} ended before its trigger came ({w.status}: {w.detail()})"
+                out.append(UnfiredFault(spec, rank, a, why))
+        return out
 
     def _attempt_dir(self, attempt: int, local_rank: int) -> str | None:
         found = glob.glob(os.path.join(glob.escape(self.log_dir), "*", f"attempt_{attempt}", str(local_rank)))
@@ -427,6 +599,49 @@ class _LaunchRun:
         d = self._attempt_dir(attempt, local_rank)
         path = d and os.path.join(d, "error.json")
         return path if path and os.path.isfile(path) else None
+
+
+class _EventTail:
+    """The ``DDPFAULT_EVENTS`` records appended since the last look (whole lines only)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return env_plan.parse_event_lines(lines)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat ("T": stopped), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        return stat[stat.rindex(")") + 2]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pending_stop_signal(pid: int) -> int | None:
+    """A signal of ``_STOP_SIGNALS`` that is pending in ``pid`` (sent, not yet acted on)."""
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    mask |= int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return next((int(sig) for sig in _STOP_SIGNALS if mask & (1 << (int(sig) - 1))), None)
 
 
 def _first(events: list, type_: str, **match) -> dict | None:

@@ -204,13 +204,15 @@ def _start_timer(firer: FaultFirer) -> None:
     threading.Thread(target=loop, name="ddpfault-timer", daemon=True).start()
 
 
-def install_plan(plan, rank: int, world_size: int, events, started: float | None = None) -> FaultFirer:
-    """Install the plan's in-rank faults for ``rank`` in this process."""
+def install_plan(plan, rank: int, world_size: int, events, started: float | None = None,
+                 count_without_faults: bool = False) -> FaultFirer:
+    """Install the plan's in-rank faults for ``rank`` in this process (and count its calls
+    even when none is for this rank, with ``count_without_faults``)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
     firer = FaultFirer(plan, rank, world_size, events, time.monotonic() if started is None else started)
-    if not firer.counter.faults:
+    if not firer.counter.faults and not count_without_faults:
         return firer
     _install_backend(firer)
     for name in sorted(KNOWN_OPS):

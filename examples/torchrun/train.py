@@ -10,12 +10,15 @@ a group that torchrun's agent restarts continues where it was and ends with the 
 weights as a run that never failed. Each step is marked with ``pytest_ddpfault.step()``
 (a no-op without a fault plan) so that ``at=step#N`` faults can target it.
 
-Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True) and keeps it,
-keys and all, across restarts (torch 2.13). A restarted group that calls plain
-``init_process_group("gloo")`` uses the same keys as the attempt that died, and was seen to
-fail now and then with "Gloo connectFullMesh failed ... Connection refused" (a rank
-connecting to its peer's address of the dead attempt). So each attempt here uses its own
-key prefix; ``--shared-keys`` turns that off.
+Under torchrun (torch >= 2.5) the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True)
+and keeps it, keys and all, across restarts (pytorch#135712). A restarted group that calls
+plain ``init_process_group("gloo")`` uses the same keys as the attempt that died, and fails
+now and then with "Gloo connectFullMesh failed ... Connection refused" (a rank connecting to
+its peer's address of the dead attempt) or hangs until the process-group timeout. Two
+remedies, each enough: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in the environment (the
+workers get a store of their own each attempt; ``ddp.torchrun`` sets it unless told
+otherwise), or, as here when the agent's store is shared, a key prefix per attempt.
+``--shared-keys`` turns the prefix off.
 """
 from __future__ import annotations
 
@@ -104,8 +107,10 @@ def init_from_torchrun(args) -> tuple[int, int]:
                                     is_master=False, timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"attempt_{attempt}/", agent_store)
+        print(f"rank {rank}: the agent's store, keys prefixed attempt_{attempt}/", flush=True)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
+        print(f"rank {rank}: plain init_process_group", flush=True)
         dist.init_process_group("gloo", timeout=timeout)
     return rank, world_size
 
