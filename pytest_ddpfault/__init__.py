@@ -6,12 +6,12 @@ parts on first use.
 from __future__ import annotations
 
 from pytest_ddpfault.errors import (
-    FaultSpecError, HarnessError, SettingsError, TorchrunError, UnfiredFaultWarning,
+    FaultSpecError, HarnessError, HarnessWarning, SettingsError, TorchrunError, UnfiredFaultWarning,
 )
 from pytest_ddpfault.faults import Fault
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
 
-__all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "RankResult",
+__all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "HarnessWarning", "RankResult",
            "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ class Deadline:
         return time.monotonic() >= self.at
 
     def within(self, seconds: float) -> "Deadline":
-        """The smaller of this deadline and ``seconds`` from now."""
+        """The smaller of this deadline and ``seconds`` from now (an inner wait's own bound)."""
         return Deadline(min(self.at, time.monotonic() + seconds))
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import pickle
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Exit code of a child whose bootstrap itself failed (EX_SOFTWARE).
 BOOTSTRAP_FAILED = 70
@@ -35,7 +35,7 @@ class ChildJob:
     stdout_path: str
     stderr_path: str
     stack_path: str | None = None
-    extra: dict = field(default_factory=dict)
+    preload: tuple = ()       # modules to import first (a spawned child has no zygote's imports)
 
 
 def set_parent_death_signal() -> None:
@@ -86,6 +86,8 @@ def run_job(job: ChildJob, expected_parent: int):
         os.environ.update(job.env)
         os.chdir(job.cwd)
         sys.path[:] = job.sys_path
+        for name in job.preload:
+            importlib.import_module(name)
         module_name, _, func_name = job.target.partition(":")
         target = getattr(importlib.import_module(module_name), func_name)
         code = target(job)

@@ -11,7 +11,8 @@ Every message names the bad value, where it came from, and what is allowed.
 """
 from __future__ import annotations
 
-__all__ = ["FaultSpecError", "HarnessError", "SettingsError", "TorchrunError", "UnfiredFaultWarning"]
+__all__ = ["FaultSpecError", "HarnessError", "HarnessWarning", "SettingsError", "TorchrunError",
+           "UnfiredFaultWarning"]
 
 
 class FaultSpecError(ValueError):
@@ -24,6 +25,10 @@ class SettingsError(ValueError):
 
 class HarnessError(RuntimeError):
     """The harness itself could not run the group (not a failure of the user's code)."""
+
+
+class HarnessWarning(UserWarning):
+    """The harness could not do all it should (a process that would not die)."""
 
 
 class TorchrunError(RuntimeError):

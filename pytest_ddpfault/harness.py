@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,15 +32,20 @@ from pytest_ddpfault._events import EventInbox
 from pytest_ddpfault._frames import hide_in_stack
 from pytest_ddpfault._pickling import dumps_call
 from pytest_ddpfault.child import ChildJob
-from pytest_ddpfault.errors import HarnessError
+from pytest_ddpfault.errors import HarnessError, HarnessWarning
 from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
 from pytest_ddpfault.settings import check_timeout, check_world_size
 
-SETUP_BUDGET = 60.0        # store start-up, before the run's own clock starts
-STACK_DUMP_BUDGET = 3.0    # for every live rank to write its stacks at the deadline
+# Before the run's clock starts: waiting for rank slots (other runs hold them), the
+# zygote's start and the store's, each inner wait also bounded by its own budget.
+SETUP_BUDGET = 600.0
+ZYGOTE_START_BUDGET = 180.0  # importing torch on a loaded 2-core machine can take ~10 s
+STORE_START_BUDGET = 60.0
+# After it: one clean-up budget for stack dumps, kills and reaping together.
+CLEANUP_BUDGET = 15.0
+STACK_DUMP_BUDGET = 3.0    # (inside it) for every live rank to write its stacks at the deadline
 STACK_DUMP_SETTLE = 0.3    # a dump is complete once its file stopped growing this long
-REAP_BUDGET = 10.0         # for killed processes to be reported gone
 OUTPUT_LIMIT = 1 << 20     # bytes of stdout/stderr kept per rank (the tail)
 
 
@@ -99,6 +105,8 @@ class GroupRun:
         self.master_port: int | None = None
         self.use_agent_store = True       # False: rank 0 hosts the store (plain env://)
         self._timers: list = []
+        self.setup = Deadline.after(SETUP_BUDGET)
+        self._ending: Deadline | None = None  # the one clean-up budget, from the first kill on
         self._seq = itertools.count()
         self._store_port: int | None = None
         self.actions: list = []
@@ -106,9 +114,10 @@ class GroupRun:
 
     # -- public ---------------------------------------------------------------
     def run(self) -> GroupResult:
+        self.setup = Deadline.after(SETUP_BUDGET)
         if self.config.slots is None:
             return self._run()
-        with self.config.slots.hold(self.config.world_size + 1):  # ranks + the store host
+        with self.config.slots.hold(self.config.world_size + 1, self.setup):  # ranks + the store host
             return self._run()
 
     def _run(self) -> GroupResult:
@@ -116,8 +125,9 @@ class GroupRun:
             self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=_short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
             self.actions = [f.definition.action(f, self) for f in self.plan if f.definition.harness_side]
-            self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload))
-            setup = Deadline.after(SETUP_BUDGET)
+            self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload),
+                                         self.setup.within(ZYGOTE_START_BUDGET))
+            setup = self.setup.within(STORE_START_BUDGET)
             for action in self.actions:
                 action.before_ranks(setup)
             if self.master_port is None:
@@ -305,14 +315,27 @@ class GroupRun:
             p.ended_by_harness, p.ended_at = why, now
             self.launcher.signal(p.pid, signal.SIGUSR1, group=False)
             self.launcher.signal(p.pid, signal.SIGCONT)  # a stopped rank handles it on resume
-        _wait_for_stacks(procs, Deadline.after(STACK_DUMP_BUDGET), lambda: self._pump(Deadline.after(0.02)))
+        _wait_for_stacks(procs, self.cleanup_deadline().within(STACK_DUMP_BUDGET),
+                         lambda: self._pump(Deadline.after(0.02)))
         for p in procs:
             self.launcher.signal(p.pid, signal.SIGKILL)
-        self._reap(procs, Deadline.after(REAP_BUDGET))
+        self._reap(procs)
 
-    def _reap(self, procs: list[_Proc], until: Deadline) -> None:
+    def cleanup_deadline(self) -> Deadline:
+        """The run's one clean-up budget, started by the first thing that ends processes."""
+        if self._ending is None:
+            self._ending = Deadline.after(CLEANUP_BUDGET)
+        return self._ending
+
+    def _reap(self, procs: list[_Proc]) -> None:
+        until = self.cleanup_deadline()
         while any(p.exit is None for p in procs) and not until.expired():
             self._pump(until)
+        left = [p for p in procs if p.exit is None]
+        if left:
+            warnings.warn(HarnessWarning(
+                f"pytest-ddpfault: {', '.join(f'{p.name} (pid {p.pid})' for p in left)} did not end within the "
+                f"clean-up budget ({CLEANUP_BUDGET:g} s) after SIGKILL; it may be stuck in the kernel"), stacklevel=2)
 
     # -- results ----------------------------------------------------------------
     def _collect(self) -> GroupResult:
@@ -412,7 +435,7 @@ class GroupRun:
             self.launcher.signal(p.pid, signal.SIGCONT)
             self.launcher.signal(p.pid, signal.SIGKILL)
         try:
-            self._reap(procs, Deadline.after(REAP_BUDGET))
+            self._reap(procs)
         finally:
             self.launcher.end_run()
 

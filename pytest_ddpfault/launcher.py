@@ -7,6 +7,7 @@ selects on ``selectables()`` and then calls ``exits()``.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import os
 import pickle
@@ -241,6 +242,7 @@ class SpawnLauncher:
     method = "spawn"
 
     def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        self.preload = tuple(preload)   # the user's --ddp-preload, imported in each child first
         self._procs: dict[int, tuple[subprocess.Popen, int]] = {}
         self._exits: list[ChildExit] = []
 
@@ -249,7 +251,7 @@ class SpawnLauncher:
         for job in jobs:
             job_file = job.stack_path.rsplit(".", 1)[0] + ".job" if job.stack_path else job.stdout_path + ".job"
             with open(job_file, "wb") as f:
-                pickle.dump(job, f)
+                pickle.dump(dataclasses.replace(job, preload=self.preload), f)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest_ddpfault.child", job_file, str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -311,15 +313,16 @@ def prestart(preload: tuple[str, ...] = ()) -> None:
             _zygotes[preload] = ZygoteLauncher(preload)
 
 
-def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = ()):
-    """The launcher for ``method``; the zygote is shared by every run of this process."""
+def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = (), deadline: Deadline | None = None):
+    """The launcher for ``method``; the zygote is shared by every run of this process.
+    Waits for the zygote to be ready until ``deadline`` (default: its start-up budget)."""
     if method == "spawn":
         return SpawnLauncher(preload)
     if method != "forkserver":
         raise LauncherError(f"start method {method!r} is not one of: forkserver, spawn")
     prestart(preload)
     z = _zygotes[preload]
-    z.wait_ready(Deadline.after(ZYGOTE_START_TIMEOUT))
+    z.wait_ready(deadline or Deadline.after(ZYGOTE_START_TIMEOUT))
     return z
 
 

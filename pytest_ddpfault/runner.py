@@ -6,6 +6,7 @@ import warnings
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
+from pytest_ddpfault._deadline import Deadline
 from pytest_ddpfault.errors import UnfiredFaultWarning
 from pytest_ddpfault.results import GroupResult
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, check_world_size
@@ -64,19 +65,20 @@ class DDP:
         ``nproc`` defaults to ``world_size``, ``faults`` and ``timeout`` to the marker's.
         Returns a ``TorchrunResult``.
         """
+        from pytest_ddpfault.harness import SETUP_BUDGET
         from pytest_ddpfault.torchrun import run_torchrun
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         nproc = self.world_size if nproc is None else nproc
-        with self._slots(nproc + 1):  # the workers and the agent
+        with self._slots(nproc + 1, Deadline.after(SETUP_BUDGET)):  # the workers and the agent
             result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
                                   faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
                                   **options)
         self.results.append(result)
         return result
 
-    def _slots(self, n: int):
-        return self.slots.hold(n) if self.slots is not None else contextlib.nullcontext()
+    def _slots(self, n: int, deadline: Deadline):
+        return self.slots.hold(n, deadline) if self.slots is not None else contextlib.nullcontext()
 
     def _set_proxy(self, proxy) -> None:
         self.store_proxy = proxy

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 
 from pytest_ddpfault._deadline import Deadline
 
-SLOT_WAIT_BUDGET = 600.0
 
 
 def default_max_procs() -> int:
@@ -53,17 +52,18 @@ class ProcessSlots:
             os.close(fd)  # closing drops the flock
 
     @contextmanager
-    def hold(self, n: int, deadline: Deadline | None = None):
-        """Hold ``min(n, max_procs)`` slots for the duration of the block."""
+    def hold(self, n: int, deadline: Deadline):
+        """Hold ``min(n, max_procs)`` slots for the duration of the block; wait for them
+        until ``deadline`` (the caller's: a run's set-up deadline)."""
         n = min(n, self.max_procs)
-        deadline = deadline or Deadline.after(SLOT_WAIT_BUDGET)
+        waited_from = time.monotonic()
         pause = 0.005
         while True:
             held = self._try_take(n)
             if held is not None:
                 break
             if deadline.expired():
-                raise SlotsTimeout(f"waited {SLOT_WAIT_BUDGET:g} s for {n} of {self.max_procs} rank slots "
+                raise SlotsTimeout(f"waited {time.monotonic() - waited_from:.0f} s for {n} of {self.max_procs} rank slots "
                                    f"in {self.directory}")
             # flock has no multi-lock wait: poll with backoff, bounded by the deadline
             time.sleep(min(pause, deadline.remaining()))

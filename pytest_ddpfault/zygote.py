@@ -36,9 +36,8 @@ def _thread_count() -> int:
 
 
 class Zygote:
-    def __init__(self, sock: socket.socket, parent: int) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.parent = parent
         self.live: set[int] = set()
         self.reader = _wire.FrameReader()
         self.private_fds: list[int] = []  # closed in every child
@@ -151,7 +150,7 @@ def main(argv=None) -> None:
             importlib.import_module(name)
         except BaseException:
             errors[name] = traceback.format_exc()
-    zygote = Zygote(sock, parent)
+    zygote = Zygote(sock)
     _wire.send(sock, "ready", {
         "pid": os.getpid(),
         "preload_seconds": time.monotonic() - started,

@@ -162,3 +162,11 @@ def test_ddp_run_warns_when_a_fault_never_fired(ddp):
     with pytest.warns(pytest_ddpfault.UnfiredFaultWarning, match=r"crash_rank\(rank=1, at=step#1\)"):
         res = ddp.run(allreduce_once_no_steps)
     res.assert_all_ok()
+
+
+def test_the_package_exports_a_fixed_public_api():
+    assert sorted(pytest_ddpfault.__all__) == [
+        "Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "HarnessWarning", "RankResult",
+        "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
+    for name in pytest_ddpfault.__all__:
+        assert getattr(pytest_ddpfault, name) is not None
