@@ -354,9 +354,11 @@ class _LaunchRun:
         try:
             fd = os.pidfd_open(pid)
         except OSError:
+            self.gone_at.setdefault(pid, time.monotonic())  # by now, at the latest
             return
         if env_plan.proc_start_ticks(pid) != ticks:  # gone already (or the pid is someone else's)
             os.close(fd)
+            self.gone_at.setdefault(pid, time.monotonic())  # by now, at the latest
             return
         self.watched[fd] = pid
 
@@ -508,7 +510,7 @@ class _LaunchRun:
             else:
                 w.note, end = f"{froze} until it was killed", gone
             w.stack = _read_tail(stack_file) or None
-        elif self.timed_out and pid in self.ended and not finished:
+        elif self.timed_out and not finished:  # in the tree at the deadline, or orphaned
             w.status, w.exit_code, w.signal, end = "hung", None, None, self.ended_at
             w.note = "still running at the harness deadline"
             if seen_end is not None:

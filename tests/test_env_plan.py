@@ -209,3 +209,30 @@ def test_faults_fire_in_their_attempt(tmp_path, attempt, eager):
                          ("crash_rank", "step#1", 1)]
         [exc] = [e for e in read_events(events) if e["type"] == "exception"]
         assert (exc["exc_type"], exc["rank"], exc["attempt"]) == ("KeyError", 0, 1)
+
+
+def test_a_rank_with_no_fault_due_is_armed_and_says_what_did_not_fire(tmp_path):
+    """issue 10 §5: armed means the same in every rank (its calls are counted) whether or not
+    a fault is due in it in this attempt; at its exit it says which of its faults never
+    fired, and why."""
+    events = str(tmp_path / "ev.jsonl")
+    nothing_due = clean_env(**{ENV_PLAN: "crash_rank(rank=0, attempt=1)", ENV_EVENTS: events,
+                               "RANK": "0", "WORLD_SIZE": "1"})
+    res = python(ONE_RANK, nothing_due)
+    assert res.returncode == 0, res.stderr
+    assert "armed at import True" in res.stdout
+    [armed] = [e for e in read_events(events) if e["type"] == "armed"]
+    assert (armed["rank"], armed["faults"]) == (0, [])
+
+    events = str(tmp_path / "ev2.jsonl")
+    never = clean_env(**{ENV_PLAN: "delay(rank=0, at=all_reduce#9, seconds=0); kill_rank(rank=0, at=t=600)",
+                         ENV_EVENTS: events})
+    res = python(ONE_RANK, never)  # the rank from init_process_group, as under mp.spawn
+    assert res.returncode == 0, res.stderr
+    [end] = [e for e in read_events(events) if e["type"] == "exit"]
+    [late, timed] = end["unfired"]
+    assert late == {"spec": "delay(rank=0, at=all_reduce#9, seconds=0.0)",
+                    "why": "the trigger never came: all_reduce was called 4 times, at=all_reduce#9 needs 9"}
+    assert timed["spec"] == "kill_rank(rank=0, at=t=600.0)"
+    assert timed["why"].startswith("the trigger never came: the process ended ")
+    assert timed["why"].endswith("s after it started, before t=600.0")

@@ -267,6 +267,7 @@ def test_without_a_plan_mp_spawn_workers_are_listed(tmp_path):
     assert [(w.rank, w.status) for w in res.workers] == [(0, "ok"), (1, "ok")], res.report()
     assert sorted(e["rank"] for e in res.events if e["type"] == "armed") == [0, 1]
     assert res.unfired == [] and "not fired" not in res.summary()
+    assert_nothing_left(res)
 
 
 def test_a_fault_whose_trigger_never_comes_is_reported(tmp_path):
@@ -282,6 +283,7 @@ def test_a_fault_whose_trigger_never_comes_is_reported(tmp_path):
     assert unfired.why == ("the trigger never came: pytest_ddpfault.step() was called 0 times, "
                            "at=step#3 needs 3")
     assert f"not fired: {unfired}" in res.summary() and "not fired" in res.report()
+    assert_nothing_left(res)
 
 
 def test_torchrun_run_folders_are_swept_once_their_owner_is_gone(tmp_path):
