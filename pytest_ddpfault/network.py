@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import threading
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -88,14 +89,47 @@ class ToxiproxyAPI:
         return client
 
     def client_proxy(self, info: dict):
-        """toxiproxy-python's ``Proxy`` for ``info``; None when the client is not installed."""
-        try:
-            from toxiproxy.api import APIConsumer
-            from toxiproxy.proxy import Proxy
-        except ImportError:
+        """toxiproxy-python's ``Proxy`` for ``info``, talking to this server; None when the
+        client is not installed. No class-level state of toxiproxy-python is changed."""
+        proxy_class = _bound_proxy_class(self.host, self.port)
+        if proxy_class is None:
             return None
-        APIConsumer.host, APIConsumer.port = self.host, self.port
-        return Proxy(**{**info, "api_consumer": APIConsumer})
+        return proxy_class(**{**info, "api_consumer": proxy_class.api_consumer})
+
+
+_bound_classes: dict = {}
+
+
+def _bound_proxy_class(host: str, port: int):
+    """A private subclass of toxiproxy-python's ``Proxy`` bound to one server.
+
+    ``Proxy``'s methods call the class ``APIConsumer`` of their module, whose ``host`` and
+    ``port`` are class attributes shared by every user of the library. Setting them would
+    redirect a user's own ``Toxiproxy()`` client. Instead, each method that uses
+    ``APIConsumer`` is copied with a globals mapping in which that name is a private
+    ``APIConsumer`` subclass carrying this server's address; the library is left untouched.
+    """
+    key = (host, port)
+    if key in _bound_classes:
+        return _bound_classes[key]
+    try:
+        import toxiproxy.proxy as proxy_module
+        from toxiproxy.api import APIConsumer
+        from toxiproxy.proxy import Proxy
+    except ImportError:
+        return None
+    consumer = type("DDPFaultAPIConsumer", (APIConsumer,), {"host": host, "port": port})
+    namespace = {**vars(proxy_module), "APIConsumer": consumer}
+    methods = {}
+    for name, fn in vars(Proxy).items():
+        if isinstance(fn, types.FunctionType) and "APIConsumer" in fn.__code__.co_names:
+            bound = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+            bound.__doc__, bound.__qualname__ = fn.__doc__, fn.__qualname__
+            methods[name] = bound
+    cls = type("Proxy", (Proxy,), {**methods, "api_consumer": consumer, "__module__": __name__,
+                                   "__doc__": Proxy.__doc__})
+    _bound_classes[key] = cls
+    return cls
 
 
 # -- servers ---------------------------------------------------------------------

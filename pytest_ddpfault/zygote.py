@@ -150,6 +150,8 @@ def main(argv=None) -> None:
             importlib.import_module(name)
         except BaseException:
             errors[name] = traceback.format_exc()
+    from pytest_ddpfault.store_host import quiet_c10d_name_lookups
+    quiet_c10d_name_lookups()  # no reverse DNS in c10d for every process forked from here
     zygote = Zygote(sock)
     _wire.send(sock, "ready", {
         "pid": os.getpid(),

@@ -49,10 +49,52 @@ def test_proxied_run_goes_through_a_proxy_that_is_removed_afterwards(ddp, toxipr
     res = ddp.run(timed_init)
     res.assert_all_ok()
     proxy = ddp.store_proxy
-    assert proxy is not None and type(proxy).__module__ == "toxiproxy.proxy"
+    from toxiproxy.proxy import Proxy
+    assert isinstance(proxy, Proxy)
     # MASTER_PORT is the proxy's port, not the store's
     assert {v["port"] for v in res.values} == {int(proxy.listen.rsplit(":", 1)[1])}
     assert proxy.name not in toxiproxy.proxies()
+
+
+@pytest.mark.ddp(world_size=2, proxy=True)
+def test_a_users_own_toxiproxy_client_is_untouched_by_a_proxied_run(ddp, ddpfault_toxiproxy_server):
+    # toxiproxy-python keeps its server address in class attributes: a user's client aimed
+    # at their own server must still reach it, and nothing of the library is changed.
+    from toxiproxy import Toxiproxy
+    from toxiproxy.api import APIConsumer
+    from toxiproxy.proxy import Proxy
+
+    saved = (APIConsumer.host, APIConsumer.port)
+    proxy_methods = dict(vars(Proxy))
+    with EmbeddedToxiproxy() as users_server:
+        users = Toxiproxy()
+        users.update_api_consumer(users_server.host, users_server.port)
+        try:
+            users.create(upstream="127.0.0.1:9", name="users_own", listen="127.0.0.1:0")
+            res = ddp.run(timed_init)
+            res.assert_all_ok()
+            run_proxy = ddp.store_proxy
+            # the user's client still talks to the user's server, and only to it
+            assert (APIConsumer.host, APIConsumer.port) == (users_server.host, users_server.port)
+            assert set(users.proxies()) == {"users_own"}
+            assert set(Toxiproxy().proxies()) == {"users_own"}
+            # while the run's Proxy talks to the harness's server
+            assert run_proxy.name not in users.proxies()
+            harness_api = ddpfault_toxiproxy_server.api
+            assert (harness_api.host, harness_api.port) != (users_server.host, users_server.port)
+            harness_api.create_proxy(run_proxy.name, "127.0.0.1:9")  # it was removed after the run
+            try:
+                run_proxy.add_toxic(type="latency", name="lat", attributes={"latency": 5})
+                assert set(run_proxy.toxics()) == {"lat"}
+                run_proxy.disable()
+                assert not harness_api.call("GET", f"/proxies/{run_proxy.name}")["enabled"]
+                assert users.get_proxy("users_own").enabled
+            finally:
+                harness_api.delete_proxy(run_proxy.name)
+        finally:
+            APIConsumer.host, APIConsumer.port = saved
+    assert dict(vars(Proxy)) == proxy_methods
+    assert "host" not in vars(Proxy) and "api_consumer" not in vars(Proxy)
 
 
 @pytest.mark.ddp(world_size=2, proxy=True)
