@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     try:
         without = make_venv(root, "without", with_hook=False)
         with_hook = make_venv(root, "with", with_hook=True)
-        probe = "import sys; print('pytest_ddpfault.env_plan' in sys.modules)"
+        probe = "import sys; print('pytest_ddpfault.rank.env_plan' in sys.modules)"
         check = subprocess.run([with_hook, "-c", probe], env=armed_env, capture_output=True, text=True,
                                check=True)
         assert check.stdout.strip() == "True", "the hook did not run in the 'with' environment"

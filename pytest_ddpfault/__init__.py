@@ -28,6 +28,6 @@ def step() -> None:
 
 def run_group(fn, *args, **kwargs) -> GroupResult:
     """Run ``fn`` in a real process group without pytest; see ``harness.run_group``."""
-    from pytest_ddpfault.harness import run_group as _run_group
+    from pytest_ddpfault.parent.run import run_group as _run_group
 
     return _run_group(fn, *args, **kwargs)

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from pytest_ddpfault._frames import ENV_SHOW as ENV_SHOW_INTERNAL_FRAMES
+from pytest_ddpfault.frames import ENV_SHOW as ENV_SHOW_INTERNAL_FRAMES
 from pytest_ddpfault.settings import (
     DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
     check_preload, check_start_method, marker_settings, parse_preload, parse_timeout,
@@ -72,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and workerinput.get(_SLOTS_INPUT):
         # an xdist worker: share the controller's slots with every other worker
-        from pytest_ddpfault.slots import ProcessSlots, default_max_procs
+        from pytest_ddpfault.parent.slots import ProcessSlots, default_max_procs
 
         config.stash[_slots_key] = ProcessSlots(workerinput[_SLOTS_INPUT],
                                                 settings.max_procs or default_max_procs())
@@ -166,7 +166,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if settings.start_method != "forkserver" or session.config.option.collectonly:
         return
     if any("ddp" in getattr(item, "fixturenames", ()) for item in session.items):
-        from pytest_ddpfault import launcher
+        from pytest_ddpfault.parent import launcher
 
         launcher.prestart(settings.preload)
 
@@ -177,7 +177,7 @@ def ddp(request: pytest.FixtureRequest):
 
     Configured by ``@pytest.mark.ddp(...)``; without it: world_size=2, no fault.
     """
-    from pytest_ddpfault.runner import DDP
+    from pytest_ddpfault.api import DDP
 
     settings = request.config.stash[_settings_key]
     marker = _marker(request.node)
@@ -200,7 +200,7 @@ def _toxiproxy_factory(request: pytest.FixtureRequest):
 def ddpfault_toxiproxy_server(request: pytest.FixtureRequest):
     """The session's Toxiproxy: --toxiproxy-url / $TOXIPROXY_URL, else toxiproxy-server on
     PATH (loopback, port 0), else the embedded server."""
-    from pytest_ddpfault.network import start_server
+    from pytest_ddpfault.toxiproxy.client import start_server
 
     server = start_server(request.config.stash[_settings_key].toxiproxy_url)
     yield server
@@ -223,7 +223,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     import sys
 
-    launcher = sys.modules.get("pytest_ddpfault.launcher")  # loaded only if ranks ran
+    launcher = sys.modules.get("pytest_ddpfault.parent.launcher")  # loaded only if ranks ran
     line = launcher.start_report() if launcher is not None else ""
     if line:
         terminalreporter.write_line(f"pytest-ddpfault: {line}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pytest_ddpfault._procfs import children as children_of, listening_ports  # noqa: F401  (re-exported)
+from pytest_ddpfault.procfs import children as children_of, listening_ports  # noqa: F401  (re-exported)
 
 
 def start_time(pid: int) -> int | None:
@@ -46,7 +46,7 @@ def zygote_pids() -> list[int]:
     """Pids of this process's live zygotes (the harness's warm rank factory)."""
     import sys
 
-    launcher = sys.modules.get("pytest_ddpfault.launcher")
+    launcher = sys.modules.get("pytest_ddpfault.parent.launcher")
     if launcher is None:
         return []
     return [z.proc.pid for z in list(launcher._zygotes.values()) if z.alive]

@@ -13,7 +13,7 @@ import pytest
 
 # Imported here, before any test, so that pytester's in-process runs (which drop the
 # modules a test imported when it ends) keep sharing this module and so one zygote.
-import pytest_ddpfault.launcher  # noqa: F401
+import pytest_ddpfault.parent.launcher  # noqa: F401
 
 from _helpers import children_of, poll, zygote_pids
 
@@ -35,7 +35,7 @@ def no_rank_left_behind():
 @pytest.fixture
 def zygote_pid() -> int:
     """The pid of this process's default zygote, started (and ready) if it was not yet."""
-    from pytest_ddpfault import launcher
+    from pytest_ddpfault.parent import launcher
 
     z = launcher.get_launcher("forkserver", ())
     return z.proc.pid

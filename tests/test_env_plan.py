@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault.env_plan import (
+from pytest_ddpfault.rank.env_plan import (
     ENV_ATTEMPT, ENV_EVENTS, ENV_PLAN, PTH_NAME, EnvPlanError, JsonLinesSink, ScopedFault,
     current_attempt, format_env_plan, hook_path, parse_env_plan, read_events, stack_path,
     validate_env_plan,
@@ -97,7 +97,7 @@ def test_concurrent_writers_leave_whole_lines(tmp_path):
     path = str(tmp_path / "events.jsonl")
     code = f"""
         import sys
-        from pytest_ddpfault.env_plan import JsonLinesSink
+        from pytest_ddpfault.rank.env_plan import JsonLinesSink
         sink = JsonLinesSink({path!r}, attempt=int(sys.argv[1]))
         for i in range(300):
             sink.send({{"type": "fault", "i": i, "pad": "x" * 500}})
@@ -144,7 +144,7 @@ def test_with_an_empty_plan_torch_is_still_not_imported(tmp_path):
     events = str(tmp_path / "ev.jsonl")
     res = python("""
         import sys
-        print("torch" in sys.modules, "pytest_ddpfault.env_plan" in sys.modules)
+        print("torch" in sys.modules, "pytest_ddpfault.rank.env_plan" in sys.modules)
     """, clean_env(**{ENV_PLAN: "", ENV_EVENTS: events}))
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "True"]

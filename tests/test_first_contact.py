@@ -10,7 +10,7 @@ import pytest
 
 import pytest_ddpfault
 from pytest_ddpfault.faults import harness as harness_kinds
-from pytest_ddpfault._frames import ENV_SHOW, PACKAGE_DIR
+from pytest_ddpfault.frames import ENV_SHOW, PACKAGE_DIR
 
 from _helpers import children_of, listening_ports
 
@@ -42,10 +42,15 @@ def return_none():
     return None
 
 
+def step_then_return_none():
+    pytest_ddpfault.step()
+    return None
+
+
 # -- results ----------------------------------------------------------------------------
 def test_rank_result_ok_tells_a_returned_none_from_a_failure():
-    res = pytest_ddpfault.run_group(return_none, world_size=2, timeout=30,
-                                    faults="crash_rank(rank=1, at=t=0)")
+    res = pytest_ddpfault.run_group(step_then_return_none, world_size=2, timeout=30,
+                                    faults="crash_rank(rank=1, at=step#1)")
     # the pitfall: .values holds None for the failed rank and for the one that returned None
     assert res.values == [None, None]
     assert res[0].ok and not res[1].ok
@@ -76,9 +81,9 @@ def test_the_error_classes_users_catch_are_exported():
     for name in ("FaultSpecError", "SettingsError", "HarnessError", "TorchrunError"):
         assert name in pytest_ddpfault.__all__
         assert issubclass(getattr(pytest_ddpfault, name), Exception)
-    from pytest_ddpfault.harness import HarnessError
+    from pytest_ddpfault.parent.run import HarnessError
     from pytest_ddpfault.settings import SettingsError
-    from pytest_ddpfault.torchrun import TorchrunError
+    from pytest_ddpfault.launchers.torchrun import TorchrunError
 
     assert (HarnessError, SettingsError, TorchrunError) == (
         pytest_ddpfault.HarnessError, pytest_ddpfault.SettingsError, pytest_ddpfault.TorchrunError)

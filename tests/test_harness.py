@@ -16,7 +16,7 @@ import time
 import pytest
 
 import pytest_ddpfault
-from pytest_ddpfault.harness import HarnessError
+from pytest_ddpfault.parent.run import HarnessError
 
 from _helpers import children_of, is_alive, listening_ports
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pytest_ddpfault.network import ToxiproxyAPI, ToxiproxyError, start_server
+from pytest_ddpfault.toxiproxy.client import ToxiproxyAPI, ToxiproxyError, start_server
 from pytest_ddpfault.toxiproxy import EmbeddedToxiproxy
 
 

@@ -61,7 +61,7 @@ def test_a_session_without_ddp_tests_starts_no_zygote(pytester):
 
         def test_plain():
             assert "torch" not in sys.modules
-            assert "pytest_ddpfault.launcher" not in sys.modules
+            assert "pytest_ddpfault.parent.launcher" not in sys.modules
     ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)

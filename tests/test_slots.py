@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from pytest_ddpfault._deadline import Deadline
-from pytest_ddpfault.slots import ProcessSlots, SlotsTimeout, default_max_procs
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.parent.slots import ProcessSlots, SlotsTimeout, default_max_procs
 
 
 def _hold(directory, n, held, release, max_procs):

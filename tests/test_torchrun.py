@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault.env_plan import EnvPlanError, proc_start_ticks
+from pytest_ddpfault.rank.env_plan import EnvPlanError, proc_start_ticks
 from pytest_ddpfault.faults import FaultSpecError
-from pytest_ddpfault.torchrun import TorchrunError, TorchrunResult, run_script, run_torchrun
+from pytest_ddpfault.launchers.torchrun import TorchrunError, TorchrunResult, run_script, run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "torchrun" / "train.py"
@@ -288,12 +288,12 @@ def test_a_fault_whose_trigger_never_comes_is_reported(tmp_path):
 
 def test_torchrun_run_folders_are_swept_once_their_owner_is_gone(tmp_path):
     """issue 9 §7: the run folder's name carries its owner's pid, which the sweep reads."""
-    from pytest_ddpfault.launcher import sweep_stale_files
+    from pytest_ddpfault.parent.launcher import sweep_stale_files
 
     made = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(f"""
             import tempfile
-            from pytest_ddpfault.torchrun import _LaunchRun
+            from pytest_ddpfault.launchers.torchrun import _LaunchRun
             tempfile.tempdir = {str(tmp_path)!r}
             run = _LaunchRun((), 10.0, None, None)  # made, never cleaned: its owner dies now
             print(run.dir)

@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault.deadline import Deadline
 
 
 

@@ -23,9 +23,9 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from pytest_ddpfault import _wire
-from pytest_ddpfault._deadline import Deadline
-from pytest_ddpfault.child import ChildJob
+from pytest_ddpfault import ipc
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.rank.bootstrap import ChildJob
 
 # What DDP needs, imported once in the zygote: constructing DistributedDataParallel
 # lazily imports torch._dynamo (~800 modules, 2-4 s a rank otherwise).
@@ -36,8 +36,8 @@ DEFAULT_PRELOAD = (
     "torch._dynamo",
     "cloudpickle",
     "pytest",
-    "pytest_ddpfault.rank",
-    "pytest_ddpfault.store_host",
+    "pytest_ddpfault.rank.task",
+    "pytest_ddpfault.rank.store_host",
 )
 ZYGOTE_START_TIMEOUT = 180.0  # importing torch on a loaded 2-core machine can take ~10 s
 # Keep BLAS/OpenMP pools from starting threads at import: the zygote must fork thread-free.
@@ -107,7 +107,7 @@ class ZygoteLauncher:
     def __init__(self, preload: tuple[str, ...]) -> None:
         self.preload = tuple(dict.fromkeys(DEFAULT_PRELOAD + tuple(preload)))
         self._ids = itertools.count()
-        self._reader = _wire.FrameReader()
+        self._reader = ipc.FrameReader()
         self._exits: list[ChildExit] = []
         self._ready: dict | None = None
         self._warned = False
@@ -120,7 +120,7 @@ class ZygoteLauncher:
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_ddpfault.zygote", str(child_sock.fileno()),
+                [sys.executable, "-m", "pytest_ddpfault.rank.zygote", str(child_sock.fileno()),
                  str(os.getpid()), *self.preload],
                 pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
                 stdout=self._log, stderr=self._log, env=child_python_env(),
@@ -184,7 +184,7 @@ class ZygoteLauncher:
         """Start every job; return ``(pid, start time)`` in the same order."""
         self.wait_ready(deadline)
         ids = [next(self._ids) for _ in jobs]
-        self.sock.sendall(b"".join(_wire.encode("spawn", {"id": i, "job": j}) for i, j in zip(ids, jobs)))
+        self.sock.sendall(b"".join(ipc.encode("spawn", {"id": i, "job": j}) for i, j in zip(ids, jobs)))
         started: dict[int, tuple[int, float]] = {}
         while len(started) < len(ids):
             if deadline.expired():
@@ -211,7 +211,7 @@ class ZygoteLauncher:
 
     def signal(self, pid: int, sig: int, group: bool = True) -> None:
         try:
-            _wire.send(self.sock, "signal", {"pid": pid, "sig": int(sig), "group": group})
+            ipc.send(self.sock, "signal", {"pid": pid, "sig": int(sig), "group": group})
         except OSError:
             pass  # zygote gone: its children died with it (PDEATHSIG)
 
@@ -220,7 +220,7 @@ class ZygoteLauncher:
 
     def close(self, timeout: float = 5.0) -> None:
         try:
-            _wire.send(self.sock, "shutdown", None)
+            ipc.send(self.sock, "shutdown", None)
         except OSError:
             pass
         try:
@@ -253,7 +253,7 @@ class SpawnLauncher:
             with open(job_file, "wb") as f:
                 pickle.dump(dataclasses.replace(job, preload=self.preload), f)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_ddpfault.child", job_file, str(os.getpid())],
+                [sys.executable, "-m", "pytest_ddpfault.rank.bootstrap", job_file, str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env=child_python_env(), start_new_session=True)
             self._procs[proc.pid] = (proc, os.pidfd_open(proc.pid))

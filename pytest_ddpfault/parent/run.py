@@ -2,7 +2,7 @@
 
 Usable without pytest::
 
-    from pytest_ddpfault.harness import run_group
+    from pytest_ddpfault.parent.run import run_group
     res = run_group(fn, world_size=4, faults="kill_rank(rank=2)", timeout=30)
 
 A run owns one absolute deadline that starts when its ranks exist. Every inner wait
@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
-from pytest_ddpfault._deadline import Deadline
-from pytest_ddpfault._events import EventInbox
-from pytest_ddpfault._frames import hide_in_stack
-from pytest_ddpfault._pickling import dumps_call
-from pytest_ddpfault.child import ChildJob
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.ipc import EventInbox
+from pytest_ddpfault.frames import hide_in_stack
+from pytest_ddpfault.parent.shipping import dumps_call
+from pytest_ddpfault.rank.bootstrap import ChildJob
 from pytest_ddpfault.errors import HarnessError, HarnessWarning
-from pytest_ddpfault.launcher import RUN_DIR_PREFIX, get_launcher
+from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
 from pytest_ddpfault.settings import check_timeout, check_world_size
 
@@ -173,7 +173,7 @@ class GroupRun:
         p = self._paths("store")
         opts = {"world_size": self.config.world_size, "events_path": self.inbox.path,
                 "timeout": max(self.config.timeout, 1.0)}
-        job = ChildJob("store host", "pytest_ddpfault.store_host:store_main", pickle.dumps(opts),
+        job = ChildJob("store host", "pytest_ddpfault.rank.store_host:store_main", pickle.dumps(opts),
                        self._base_env(), os.getcwd(), list(_sys_path()), p["out"], p["err"], p["stack"])
         [(pid, started)] = self.launcher.launch_many([job], setup)
         self.store = _Proc("store host", pid, started, p["out"], p["err"], p["stack"])
@@ -187,7 +187,7 @@ class GroupRun:
         self.master_port = self._store_port
 
     def _start_proxy(self) -> None:
-        from pytest_ddpfault.network import StoreProxy, resolve_api
+        from pytest_ddpfault.toxiproxy.client import StoreProxy, resolve_api
 
         api = resolve_api(self.config.toxiproxy)
         self.store_proxy = StoreProxy(api, self.master_port)
@@ -218,7 +218,7 @@ class GroupRun:
         return env
 
     def _start_ranks(self, setup: Deadline) -> None:
-        from pytest_ddpfault.rank import RankTask
+        from pytest_ddpfault.rank.task import RankTask
 
         try:
             blob = dumps_call(self.fn, self.args, self.kwargs)
@@ -230,7 +230,7 @@ class GroupRun:
             p = self._paths(f"rank{rank}")
             task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
                             specs, p["result"], self.inbox.path)
-            jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank:rank_main", pickle.dumps(task),
+            jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank.task:rank_main", pickle.dumps(task),
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
                                  p["out"], p["err"], p["stack"]))
             paths.append(p)

@@ -109,7 +109,7 @@ def run_job(job: ChildJob, expected_parent: int):
 
 
 def main(argv=None) -> None:
-    """Entry point of a spawned (not forked) child: ``python -m pytest_ddpfault.child JOBFILE PPID``."""
+    """Entry point of a spawned (not forked) child: ``python -m pytest_ddpfault.rank.bootstrap JOBFILE PPID``."""
     argv = sys.argv[1:] if argv is None else argv
     job_path, parent = argv[0], int(argv[1])
     with open(job_path, "rb") as f:

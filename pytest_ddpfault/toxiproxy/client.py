@@ -1,4 +1,6 @@
-"""Toxiproxy for the harness: which server, a safe API client, the store proxy, network faults.
+"""Toxiproxy for the harness: which server, a safe API client, the store proxy.
+
+The network fault kinds themselves (what they do to the proxy) are in ``faults/network.py``.
 
 Server selection: a URL (``--toxiproxy-url`` / ``TOXIPROXY_URL``); else ``toxiproxy-server``
 on PATH, started on loopback port 0; else the embedded server (``toxiproxy/``).
@@ -23,10 +25,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from pytest_ddpfault._deadline import Deadline
-from pytest_ddpfault._procfs import listening_port_of
-from pytest_ddpfault.faults import KINDS
-from pytest_ddpfault.harness_faults import HarnessAction, register
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.procfs import listening_port_of
 
 API_TIMEOUT = 10.0
 SERVER_START_TIMEOUT = 20.0
@@ -248,68 +248,3 @@ class StoreProxy:
             self.api.delete_proxy(self.name)
         except ToxiproxyError:
             pass  # the server may be gone already; nothing of ours is left on it then
-
-
-# -- network fault kinds ------------------------------------------------------------
-
-class _NetworkFault(HarnessAction):
-    """Applied at ``init`` (before the ranks start) or ``t=S``; removed after ``duration``."""
-
-    def before_launch(self) -> None:
-        at = self.fault.resolved_at()
-        if at is None or at.kind == "init":
-            self._apply(trigger="init")
-
-    def after_ranks(self) -> None:
-        at = self.fault.resolved_at()
-        if at is not None and at.kind == "time":
-            self.run.at(at.seconds, lambda: self._apply(trigger=str(at)))
-
-    def _apply(self, trigger: str) -> None:
-        proxy = self.run.store_proxy
-        self.apply(proxy)
-        self.fire(detail=f"proxy {proxy.name}", trigger=trigger)
-        duration = self.fault.get("duration")
-        if duration:
-            start = 0.0 if trigger == "init" else self.fault.resolved_at().seconds
-            self.run.at(start + duration, lambda: self._remove(proxy))
-
-    def _remove(self, proxy: StoreProxy) -> None:
-        self.remove(proxy)
-        self.run.record(self.fault.kind, None, f"duration={self.fault.get('duration')}", str(self.fault),
-                        "removed")
-
-    def apply(self, proxy: StoreProxy) -> None:
-        raise NotImplementedError
-
-    def remove(self, proxy: StoreProxy) -> None:
-        raise NotImplementedError
-
-
-@register("block_port")
-class BlockPort(_NetworkFault):
-    """The store proxy is disabled: its port refuses connections, open ones are closed."""
-
-    def apply(self, proxy: StoreProxy) -> None:
-        proxy.api.set_enabled(proxy.name, False)
-
-    def remove(self, proxy: StoreProxy) -> None:
-        proxy.api.set_enabled(proxy.name, True)
-
-
-class ToxicFault(_NetworkFault):
-    """A Toxiproxy toxic on the store proxy, named uniquely per run."""
-
-    toxic_name = ""
-
-    def apply(self, proxy: StoreProxy) -> None:
-        self.toxic_name = proxy.toxic_name(self.fault.kind)
-        proxy.api.add_toxic(proxy.name, self.fault.definition.toxic(self.fault, name=self.toxic_name))
-
-    def remove(self, proxy: StoreProxy) -> None:
-        proxy.api.remove_toxic(proxy.name, self.toxic_name)
-
-
-for _name, _kind in KINDS.items():
-    if _kind.is_toxic:
-        register(_name)(ToxicFault)

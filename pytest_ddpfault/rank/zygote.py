@@ -2,7 +2,7 @@
 
 Importing torch costs ~2 s a process; forking it from a process that already has it
 costs milliseconds. The zygote is started once per pytest process
-(``python -m pytest_ddpfault.zygote SOCKFD PARENTPID MODULE...``), imports the preload
+(``python -m pytest_ddpfault.rank.zygote SOCKFD PARENTPID MODULE...``), imports the preload
 modules, starts no thread, and then serves ``(name, payload)`` frames on its socket:
 
 - ``("spawn", {"id", "job"})`` -> forks; replies ``("spawned", {"id", "pid", "time"})``
@@ -24,8 +24,8 @@ import sys
 import time
 import traceback
 
-from pytest_ddpfault import _wire
-from pytest_ddpfault.child import die_with_parent, run_job
+from pytest_ddpfault import ipc
+from pytest_ddpfault.rank.bootstrap import die_with_parent, run_job
 
 
 def _thread_count() -> int:
@@ -39,7 +39,7 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.live: set[int] = set()
-        self.reader = _wire.FrameReader()
+        self.reader = ipc.FrameReader()
         self.private_fds: list[int] = []  # closed in every child
 
     # -- children -------------------------------------------------------------
@@ -59,7 +59,7 @@ class Zygote:
         except OSError:
             pass
         self.live.add(pid)
-        _wire.send(self.sock, "spawned", {"id": req["id"], "pid": pid, "time": time.monotonic()})
+        ipc.send(self.sock, "spawned", {"id": req["id"], "pid": pid, "time": time.monotonic()})
 
     def signal(self, req: dict) -> None:
         pid = req["pid"]
@@ -90,7 +90,7 @@ class Zygote:
                 pass
             _, status = os.waitpid(pid, 0)
             self.live.discard(pid)
-            _wire.send(self.sock, "exited", {"pid": pid, "status": status, "time": time.monotonic()})
+            ipc.send(self.sock, "exited", {"pid": pid, "status": status, "time": time.monotonic()})
 
     def kill_all(self) -> None:
         for pid in list(self.live):
@@ -131,7 +131,7 @@ class Zygote:
                         elif name == "shutdown":
                             return
                         else:
-                            _wire.send(self.sock, "error", {"message": f"unknown message {name!r}"})
+                            ipc.send(self.sock, "error", {"message": f"unknown message {name!r}"})
                 self.reap()  # a SIGCHLD may land between select and read
         finally:
             self.kill_all()
@@ -150,10 +150,10 @@ def main(argv=None) -> None:
             importlib.import_module(name)
         except BaseException:
             errors[name] = traceback.format_exc()
-    from pytest_ddpfault.store_host import quiet_c10d_name_lookups
+    from pytest_ddpfault.rank.store_host import quiet_c10d_name_lookups
     quiet_c10d_name_lookups()  # no reverse DNS in c10d for every process forked from here
     zygote = Zygote(sock)
-    _wire.send(sock, "ready", {
+    ipc.send(sock, "ready", {
         "pid": os.getpid(),
         "preload_seconds": time.monotonic() - started,
         "errors": errors,

@@ -37,12 +37,12 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from pytest_ddpfault import env_plan
-from pytest_ddpfault._deadline import Deadline
-from pytest_ddpfault._procfs import descendants
+from pytest_ddpfault.rank import env_plan
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.procfs import descendants
 from pytest_ddpfault.errors import TorchrunError
-from pytest_ddpfault.harness import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
-from pytest_ddpfault.launcher import RUN_DIR_PREFIX
+from pytest_ddpfault.parent.run import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
+from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX
 from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 

@@ -6,7 +6,7 @@ import warnings
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
-from pytest_ddpfault._deadline import Deadline
+from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.errors import UnfiredFaultWarning
 from pytest_ddpfault.results import GroupResult
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, check_world_size
@@ -39,7 +39,7 @@ class DDP:
     def run(self, fn: Callable, *args, faults=_UNSET, timeout=_UNSET, init: bool = False,
             **kwargs) -> GroupResult:
         """Run ``fn(*args, **kwargs)`` once in each rank and wait for all of them."""
-        from pytest_ddpfault.harness import GroupRun, RunConfig
+        from pytest_ddpfault.parent.run import GroupRun, RunConfig
 
         plan = self.faults if faults is _UNSET else tuple(_faults.parse_plan(faults))
         _faults.validate_plan(plan, self.world_size)
@@ -60,13 +60,13 @@ class DDP:
     def torchrun(self, script_or_module, *args, nproc: int | None = None, max_restarts: int = 0,
                  faults=_UNSET, timeout=_UNSET, env: dict | None = None, **options):
         """Run a script (``.py`` path) or module under ``torchrun --standalone`` with the plan
-        in its environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.torchrun``.
+        in its environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.launchers.torchrun``.
 
         ``nproc`` defaults to ``world_size``, ``faults`` and ``timeout`` to the marker's.
         Returns a ``TorchrunResult``.
         """
-        from pytest_ddpfault.harness import SETUP_BUDGET
-        from pytest_ddpfault.torchrun import run_torchrun
+        from pytest_ddpfault.parent.run import SETUP_BUDGET
+        from pytest_ddpfault.launchers.torchrun import run_torchrun
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         nproc = self.world_size if nproc is None else nproc

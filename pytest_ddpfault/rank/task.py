@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import cloudpickle
 
-from pytest_ddpfault._events import EventSink
-from pytest_ddpfault._frames import format_exception
+from pytest_ddpfault.ipc import EventSink
+from pytest_ddpfault.frames import format_exception
 from pytest_ddpfault.results import qualified_name
 
 

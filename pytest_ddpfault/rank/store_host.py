@@ -31,7 +31,7 @@ import socket
 import sys
 from datetime import timedelta
 
-from pytest_ddpfault._events import EventSink
+from pytest_ddpfault.ipc import EventSink
 
 
 def store_main(job) -> int:

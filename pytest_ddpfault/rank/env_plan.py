@@ -1,0 +1,609 @@
+"""Fault plans from the environment, for processes the harness did not start.
+
+``DDPFAULT_PLAN="kill_rank(rank=1, at=step#3); delay(rank=0, at=all_reduce#2)"`` installs the
+plan in every Python process that imports ``torch.distributed``, with no change to the
+script: torchrun's workers, ``mp.spawn`` children, plain ``python script.py`` processes.
+The faults and triggers are the ones of ``ddp.run`` (``triggers.install_plan``).
+
+How it gets in: the package installs ``pytest-ddpfault.pth`` into site-packages. Its one
+line checks whether ``DDPFAULT_PLAN`` is in the environment and, only then, imports this
+module and calls ``activate()``. Without the variable nothing else runs: no import, no torch.
+
+``activate()`` does no torch work either. It puts a finder on ``sys.meta_path`` that waits
+for ``torch`` and ``torch.distributed`` to finish importing (``import torch`` imports
+``torch.distributed`` half-way through, so the plan goes in once ``torch`` is complete):
+
+- with ``RANK`` and ``WORLD_SIZE`` in the environment then (torchrun), the plan is installed
+  right away, before the script's own code runs;
+- otherwise (``mp.spawn`` and other launchers that pass the rank as an argument) it is
+  installed inside the first ``init_process_group`` call, from its ``rank``/``world_size``
+  arguments or the environment at that moment.
+
+Restart attempts. A fault may name the attempt it fires in: ``attempt=N`` (default 0: only
+the first attempt, so a restarted job can recover) or ``attempt=*`` (every attempt). The
+attempt is ``DDPFAULT_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT``, else 0.
+
+Events. With ``DDPFAULT_EVENTS=PATH`` each process appends JSON lines to PATH (one write
+each, ``O_APPEND``): ``process`` when it starts, ``armed`` when the plan is installed,
+``fault`` for every fault that fires (``triggers``' event plus ``attempt`` and ``pid``),
+``exception`` for an uncaught exception and ``exit`` at a normal interpreter exit. It also
+registers ``faulthandler`` on SIGUSR1 into ``PATH.stack.<pid>``, so whoever watches the run
+can ask for every thread's stack, at C level, before killing a hung process.
+
+Imported in every such process: stdlib and ``pytest_ddpfault.faults`` only until torch is there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_ddpfault import faults as _faults
+from pytest_ddpfault.rank.bootstrap import set_parent_death_signal
+from pytest_ddpfault.faults import Fault, FaultSpecError
+from pytest_ddpfault.results import qualified_name
+
+__all__ = [
+    "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
+    "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
+    "parse_env_plan", "parse_event_lines", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
+]
+
+ENV_PLAN = "DDPFAULT_PLAN"
+ENV_ATTEMPT = "DDPFAULT_ATTEMPT"
+ENV_EVENTS = "DDPFAULT_EVENTS"
+# Set by ddp.torchrun: each process dies with its parent (PR_SET_PDEATHSIG), so a killed
+# launcher cannot leave workers behind.
+ENV_DIE_WITH_PARENT = "DDPFAULT_DIE_WITH_PARENT"
+ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
+PTH_NAME = "pytest-ddpfault.pth"
+ANY_ATTEMPT = "*"
+BAD_PLAN_EXIT = 2          # exit code of a process whose plan (or event file) cannot be used
+
+
+class EnvPlanError(FaultSpecError):
+    """A ``DDPFAULT_PLAN``/``DDPFAULT_ATTEMPT`` value that cannot be used; the message says why."""
+
+
+# --- plans with attempts ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScopedFault:
+    """A fault and the restart attempt it fires in (None: every attempt)."""
+
+    fault: Fault
+    attempt: int | None = 0
+
+    def applies_to(self, attempt: int) -> bool:
+        return self.attempt is None or self.attempt == attempt
+
+    def __str__(self) -> str:
+        spec = str(self.fault)
+        if self.attempt == 0:
+            return spec
+        scope = f"attempt={ANY_ATTEMPT if self.attempt is None else self.attempt}"
+        return f"{spec[:-1]}, {scope})" if spec.endswith(")") else f"{spec}({scope})"
+
+
+def _parse_attempt(value: Any, where: str) -> int | None:
+    text = str(value).strip()
+    if text == ANY_ATTEMPT:
+        return None
+    if text.isdecimal():
+        return int(text)
+    raise EnvPlanError(f"bad value in 'attempt={text}'{where}: expected a whole number >= 0 "
+                       f"(the restart attempt, from 0) or {ANY_ATTEMPT} for every attempt")
+
+
+def _parse_one(spec: str) -> ScopedFault:
+    try:
+        kind, args = _faults._split_spec(spec.strip())
+        attempt = _parse_attempt(args.pop("attempt"), f" in {spec.strip()!r}") if "attempt" in args else 0
+        return ScopedFault(Fault(kind, **args), attempt)
+    except EnvPlanError:
+        raise
+    except FaultSpecError as e:
+        raise EnvPlanError(f"{e} (in fault spec {spec.strip()!r})") from None
+
+
+def parse_env_plan(spec: Any) -> tuple[ScopedFault, ...]:
+    """A plan with attempt scopes: a spec string (``;``-separated, each fault may add
+    ``attempt=N`` or ``attempt=*``), a ``Fault``, a ``ScopedFault``, or an iterable of those."""
+    if isinstance(spec, ScopedFault):
+        return (spec,)
+    if isinstance(spec, str):
+        pieces = _faults._split_top(spec, ";", spec, strict=False)
+        return tuple(_parse_one(p) for p in pieces if p.strip())
+    if isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
+        return tuple(scoped for item in spec for scoped in parse_env_plan(item))
+    return tuple(ScopedFault(f) for f in _faults.parse_plan(spec))  # None, a Fault; else its error
+
+
+def format_env_plan(plan: Any) -> str:
+    """The ``DDPFAULT_PLAN`` value of a plan; parses back to an equal plan."""
+    return "; ".join(str(f) for f in parse_env_plan(plan))
+
+
+def validate_env_plan(plan: Any, world_size: int | None = None) -> tuple[ScopedFault, ...]:
+    """Parse, and check that every fault can act from inside a process (and fits the group)."""
+    scoped = parse_env_plan(plan)
+    in_rank = ", ".join(_faults.kinds_with("acts_in_rank"))
+    for item in scoped:
+        fault = item.fault
+        if not fault.definition.acts_in_rank:
+            raise EnvPlanError(f"{fault.kind} is applied by the ddp.run harness and cannot come from "
+                               f"{ENV_PLAN} (in fault spec {str(item)!r}); in-rank kinds are: {in_rank}")
+        if "resume_after" in fault.definition.keys and fault.get("resume_after") is not None:
+            raise EnvPlanError(f"hang_rank(resume_after=...) needs the ddp.run harness to send SIGCONT; "
+                               f"under {ENV_PLAN} nothing resumes the rank: remove resume_after "
+                               f"(in fault spec {str(item)!r})")
+        if world_size is not None:
+            fault.validate(world_size)
+    return scoped
+
+
+def current_attempt(environ: Mapping[str, str] | None = None) -> int:
+    """``DDPFAULT_ATTEMPT``, else ``TORCHELASTIC_RESTART_COUNT``, else 0."""
+    env = os.environ if environ is None else environ
+    for name in (ENV_ATTEMPT, ELASTIC_ATTEMPT):
+        text = env.get(name, "").strip()
+        if text:
+            if not text.isdecimal():
+                raise EnvPlanError(f"{name}={text!r}: expected a whole number >= 0")
+            return int(text)
+    return 0
+
+
+# --- events ------------------------------------------------------------------------------
+
+class JsonLinesSink:
+    """Appends one JSON line per event to a file shared by many processes.
+
+    One ``os.write`` per line on an ``O_APPEND`` descriptor: lines of different processes
+    do not interleave. Every line gets the process's ``attempt`` and ``pid``. A failed write
+    never fails the process (the event is lost, the run goes on).
+    """
+
+    def __init__(self, path: str, attempt: int) -> None:
+        self.path = path
+        self.attempt = attempt
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def send(self, event: dict) -> None:
+        record = {**event, "attempt": self.attempt, "pid": os.getpid(), "wall": time.time()}
+        record.setdefault("time", time.monotonic())
+        try:
+            os.write(self._fd, (json.dumps(record, default=str) + "\n").encode())
+        except OSError:
+            pass
+
+
+class _NoSink:
+    def send(self, event: dict) -> None:
+        pass
+
+
+def read_events(path: str) -> list[dict]:
+    """The events of a ``DDPFAULT_EVENTS`` file, in file order (a torn last line is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return parse_event_lines(lines)
+
+
+def parse_event_lines(lines: Iterable[bytes]) -> list[dict]:
+    """The records of whole ``DDPFAULT_EVENTS`` lines (one that is not a JSON object is skipped)."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def stack_path(events_path: str, pid: int) -> str:
+    """Where process ``pid`` dumps its stacks on SIGUSR1 (it exists once registered)."""
+    return f"{events_path}.stack.{pid}"
+
+
+def hook_path() -> str | None:
+    """The installed ``pytest-ddpfault.pth`` on this interpreter's path, or None."""
+    import site
+
+    dirs = [*sys.path, *getattr(site, "getsitepackages", lambda: [])()]
+    if getattr(site, "ENABLE_USER_SITE", False):
+        dirs.append(site.getusersitepackages())
+    for d in dirs:
+        candidate = os.path.join(d or ".", PTH_NAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+# --- activation: the .pth hook's entry point ------------------------------------------
+
+_state: _Activation | None = None
+
+
+def activate(environ: Mapping[str, str] | None = None) -> None:
+    """Arm this process with ``DDPFAULT_PLAN`` (called by the .pth line; idempotent).
+
+    A plan that does not parse ends the process with exit code 2 and a message: a test
+    that asked for faults must not pass because none were injected.
+    """
+    global _state
+    if _state is not None:
+        return
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_PLAN, "")
+    try:
+        attempt = current_attempt(env)
+        plan = validate_env_plan(text)
+        _state = _Activation(plan, attempt, env)
+    except FaultSpecError as e:
+        _refuse(f"{ENV_PLAN}={text!r} cannot be used: {e}")
+    except OSError as e:
+        _refuse(f"{ENV_EVENTS}={env.get(ENV_EVENTS)!r} cannot be written: {e}")
+    _state.start()
+
+
+def _refuse(why: str) -> None:
+    sys.stderr.write(f"pytest-ddpfault: {why}\n")
+    sys.stderr.flush()
+    os._exit(BAD_PLAN_EXIT)
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name, "").strip()
+    return int(text) if text.lstrip("-").isdecimal() else None
+
+
+def proc_start_ticks(pid: int | str = "self") -> int | None:
+    """A process's start time (clock ticks since boot; None if it is gone or a zombie):
+    with its pid, this names one process, whatever reuses the pid later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Activation:
+    """One process's armed state: the plan for its attempt, the event sink, the import watch."""
+
+    def __init__(self, plan: tuple[ScopedFault, ...], attempt: int, env: Mapping[str, str]) -> None:
+        self.started = time.monotonic()
+        self.attempt = attempt
+        self.plan = plan
+        self.faults = tuple(item.fault for item in plan if item.applies_to(attempt))
+        self.events_path = env.get(ENV_EVENTS) or None
+        self.events = JsonLinesSink(self.events_path, attempt) if self.events_path else _NoSink()
+        self.env = env
+        self.env_rank = _env_int(env, "RANK")
+        self.rank: int | None = None      # set once the plan is installed
+        self.installed = False
+        self.firer = None                 # the installed plan's FaultFirer
+        self._stack_file = None
+        self._die_with_parent = env.get(ENV_DIE_WITH_PARENT) == "1"
+
+    def start(self) -> None:
+        if self._die_with_parent:
+            set_parent_death_signal()
+        if self.events_path:
+            self._register_stack_dump()
+            self.events.send({"type": "process", "ppid": os.getppid(), "rank": self.env_rank,
+                              "local_rank": _env_int(self.env, "LOCAL_RANK"),
+                              "world_size": _env_int(self.env, "WORLD_SIZE"),
+                              "start_ticks": proc_start_ticks(), "time": self.started})
+            self._watch_exit()
+        # Armed means the same in every process, whether or not one of its faults is due in
+        # this attempt: its calls are counted (and its rank, its end are recorded).
+        _TorchWatch(self.on_torch_distributed).arm()
+
+    # -- stacks and the end of the process --------------------------------------------
+    def _register_stack_dump(self) -> None:
+        import faulthandler
+        import signal
+
+        try:
+            # Kept open for the life of the process: faulthandler writes to its fd from a
+            # C signal handler, which works even while a C call holds the GIL.
+            self._stack_file = open(stack_path(self.events_path, os.getpid()), "w")
+            faulthandler.register(signal.SIGUSR1, file=self._stack_file, all_threads=True, chain=False)
+        except (OSError, RuntimeError, ValueError):
+            self._stack_file = None
+
+    def _watch_exit(self) -> None:
+        import atexit
+
+        previous = sys.excepthook
+
+        def excepthook(exc_type, exc, tb):
+            if exc is not None:
+                if exc.__traceback__ is None:
+                    exc.__traceback__ = tb
+                self.record_exception(exc)
+            previous(exc_type, exc, tb)
+
+        sys.excepthook = excepthook
+        atexit.register(self._send_exit)
+
+    def record_exception(self, exc: BaseException) -> None:
+        """An exception that ends the process's work (excepthook, or one that ``mp.spawn``
+        catches and turns into ``sys.exit(1)``)."""
+        import traceback
+
+        exc_type = type(exc)
+        self.events.send({
+            "type": "exception", "rank": self.current_rank(),
+            "exc_type": qualified_name(exc_type), "exc_mro": [qualified_name(c) for c in exc_type.__mro__],
+            "message": str(exc), "traceback": "".join(traceback.format_exception(exc_type, exc, exc.__traceback__)),
+        })
+
+    def _send_exit(self) -> None:
+        event = {"type": "exit", "rank": self.current_rank()}
+        if self.firer is not None:
+            event["unfired"] = self.unfired()
+        self.events.send(event)
+
+    def unfired(self) -> list[dict]:
+        """This process's faults that have not fired, and why: the trigger never came."""
+        counter, out = self.firer.counter, []
+        for fault in counter.pending():
+            at = fault.resolved_at()
+            if at is None:
+                continue
+            if at.kind == "time":
+                why = (f"the trigger never came: the process ended "
+                       f"{time.monotonic() - self.started:.2f}s after it started, before {at}")
+            elif at.kind == "init":
+                why = "the trigger never came: init_process_group was never called"
+            else:
+                name, n = at.counted
+                seen = counter.count(name)
+                what = "pytest_ddpfault.step()" if name == "step" else name
+                why = (f"the trigger never came: {what} was called {seen} time{'' if seen == 1 else 's'}, "
+                       f"at={at} needs {n}")
+            out.append({"spec": str(fault), "why": why})
+        return out
+
+    def current_rank(self) -> int | None:
+        return self.rank if self.rank is not None else self.env_rank
+
+    # -- installing the plan ----------------------------------------------------------
+    def on_torch_distributed(self) -> None:
+        """torch and torch.distributed have finished importing."""
+        if self.events_path:
+            _watch_children(self)
+        rank, world_size = _env_int(os.environ, "RANK"), _env_int(os.environ, "WORLD_SIZE")
+        if rank is not None and world_size is not None:
+            self.install(rank, world_size)
+        else:
+            self._install_on_init()
+
+    def install(self, rank: int, world_size: int) -> None:
+        from pytest_ddpfault.triggers import install_plan
+
+        if self.installed:
+            return
+        self.installed, self.rank = True, rank
+        try:
+            for fault in self.faults:
+                fault.validate(world_size)
+            # Every rank counts, with or without a fault due in it in this attempt.
+            firer = install_plan(self.faults, rank, world_size, _FreezeAware(self), started=self.started,
+                                 count_without_faults=True)
+        except FaultSpecError as e:
+            raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
+                               f"{e}") from None
+        self.firer = firer
+        self.events.send({"type": "armed", "rank": rank, "world_size": world_size,
+                          "faults": [str(f) for f in firer.counter.faults]})
+
+    def dump_stacks(self, why: str) -> None:
+        """Every thread's stack, now, into this process's stack file (before it freezes:
+        a stopped process cannot dump them when asked)."""
+        if self._stack_file is None:
+            return
+        import faulthandler
+
+        try:
+            self._stack_file.write(f"{why}\n")
+            self._stack_file.flush()
+            faulthandler.dump_traceback(file=self._stack_file, all_threads=True)
+        except (OSError, ValueError):
+            pass
+
+    def _install_on_init(self) -> None:
+        """No rank yet: install inside the first ``init_process_group`` call."""
+        import inspect
+
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        original = c10d.init_process_group
+        signature = inspect.signature(original)
+        state = self
+
+        def init_process_group(*args, **kwargs):
+            if not state.installed:
+                for module in (dist, c10d):
+                    if getattr(module, "init_process_group", None) is init_process_group:
+                        module.init_process_group = original
+                rank, world_size = _rank_from_call(signature, args, kwargs)
+                # The ddp.run harness takes DDPFAULT_PLAN out of its ranks' environment and
+                # gives them their plan itself: a rank forked from an armed zygote is not ours.
+                if rank is not None and world_size is not None and ENV_PLAN in os.environ:
+                    state.install(rank, world_size)
+                    return c10d.init_process_group(*args, **kwargs)
+                if rank is None or world_size is None:
+                    sys.stderr.write(f"pytest-ddpfault: {ENV_PLAN} is set but this process's rank is "
+                                     "unknown (no rank/world_size argument, no RANK/WORLD_SIZE in the "
+                                     "environment): its faults are not installed\n")
+            return original(*args, **kwargs)
+
+        init_process_group.__wrapped__ = original
+        init_process_group.__ddpfault_wrapped__ = True
+        c10d.init_process_group = init_process_group
+        dist.init_process_group = init_process_group
+
+
+class _FreezeAware:
+    """The event sink given to the plan: before a fault that freezes the process
+    (``hang_rank``) is announced, the process's stacks go into its stack file."""
+
+    def __init__(self, state: _Activation) -> None:
+        self.state = state
+
+    def send(self, event: dict) -> None:
+        if event.get("type") == "fault" and event.get("freezes"):
+            self.state.dump_stacks(f"frozen by {event.get('spec')} at {event.get('trigger')} "
+                                   "(stacks as it froze itself):")
+        self.state.events.send(event)
+
+
+def _watch_children(state: _Activation) -> None:
+    """Record how this process's ``multiprocessing`` children end, and what a
+    ``torch.multiprocessing.spawn`` worker raised.
+
+    ``mp.spawn`` runs each worker in ``_wrap``, which catches the worker's exception,
+    hands its text to the parent and calls ``sys.exit(1)``: the interpreter never sees the
+    exception. Its ``_wrap`` is replaced (by name: the parent pickles it by name and the
+    child looks it up after torch has been imported, i.e. after this ran) with one that
+    records the exception first. The parent's ``Popen`` records each child's exit code
+    (or signal) when it reaps it, and each signal it sends (``terminate()``, ``kill()``).
+    """
+    import functools
+    import importlib
+    from multiprocessing import popen_fork
+
+    try:  # the module: torch.multiprocessing.spawn, the attribute, is the function
+        tspawn = importlib.import_module("torch.multiprocessing.spawn")
+    except ImportError:
+        tspawn = None
+    original = getattr(tspawn, "_wrap", None)
+    if original is not None and not getattr(original, "__ddpfault_wrapped__", False):
+        @functools.wraps(original)
+        def _wrap(fn, i, *rest):
+            state.events.send({"type": "spawned", "index": i, "rank": state.current_rank()})
+
+            def recorded(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    state.record_exception(exc)
+                    raise
+            return original(recorded, i, *rest)
+
+        _wrap.__ddpfault_wrapped__ = True
+        tspawn._wrap = _wrap
+
+    popen = popen_fork.Popen
+    if getattr(popen.poll, "__ddpfault_wrapped__", False):
+        return
+    poll, send_signal = popen.poll, popen._send_signal
+
+    @functools.wraps(poll)
+    def recording_poll(self, *args, **kwargs):
+        before = self.returncode
+        code = poll(self, *args, **kwargs)
+        if before is None and self.returncode is not None:
+            state.events.send({"type": "child_exit", "child": self.pid, "code": self.returncode})
+        return code
+
+    @functools.wraps(send_signal)
+    def recording_send_signal(self, sig):
+        if self.returncode is None:
+            state.events.send({"type": "child_signal", "child": self.pid, "signal": int(sig)})
+        return send_signal(self, sig)
+
+    recording_poll.__ddpfault_wrapped__ = True
+    popen.poll, popen._send_signal = recording_poll, recording_send_signal
+
+
+def _rank_from_call(signature, args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    rank, world_size = bound.get("rank", -1), bound.get("world_size", -1)
+    if not isinstance(rank, int) or rank < 0:
+        rank = _env_int(os.environ, "RANK")
+    if not isinstance(world_size, int) or world_size < 0:
+        world_size = _env_int(os.environ, "WORLD_SIZE")
+    return rank, world_size
+
+
+class _TorchWatch:
+    """A ``sys.meta_path`` finder that calls ``ready()`` once ``torch`` and
+    ``torch.distributed`` have both finished executing, then takes itself off the path.
+
+    It finds nothing itself: it asks the finders after it, and hooks ``exec_module`` of the
+    loader instance they return for these two modules (a loader instance per module, so
+    nothing else is touched; the hook removes itself after the module has run).
+    """
+
+    WATCHED = ("torch", "torch.distributed")
+
+    def __init__(self, ready) -> None:
+        self.ready = ready
+        self.done: set[str] = {m for m in self.WATCHED if m in sys.modules}
+        self._searching = False
+
+    def arm(self) -> None:
+        if self._check():
+            return
+        sys.meta_path.insert(0, self)
+
+    def _check(self) -> bool:
+        if len(self.done) < len(self.WATCHED):
+            return False
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.ready()
+        return True
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.WATCHED or name in self.done or self._searching:
+            return None
+        self._searching = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec = find(name, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._searching = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_watch(module):
+            try:
+                exec_module(module)
+            finally:
+                try:
+                    del loader.exec_module
+                except AttributeError:
+                    pass
+            self.done.add(name)
+            self._check()
+
+        loader.exec_module = exec_and_watch
+        return spec
