@@ -1,13 +1,53 @@
-"""What /proc says about processes and sockets (Linux): children, listening ports.
+"""What /proc says about processes and sockets (Linux): a process's identity and state,
+its pending signals, children, listening ports.
 
-Read-only lookups shared by the harness parts that watch processes they did not fork
-themselves (a toxiproxy-server, torchrun's tree) and by the tests' leak checks.
+Read-only lookups shared by the rank side (the env-plan hook names its own process), the
+parent side (watching processes it did not fork: a toxiproxy-server, torchrun's tree)
+and the tests' leak checks. Stdlib only.
 """
 from __future__ import annotations
 
 import os
 
 TCP_LISTEN = "0A"
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def start_ticks(pid: int | str = "self") -> int | None:
+    """A process's start time (clock ticks since boot; None if it is gone or a zombie):
+    with its pid, this names one process, whatever reuses the pid later."""
+    fields = _stat_fields(pid)
+    if not fields or len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat ("T": stopped), or None if it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def pending_signals(pid: int) -> set[int]:
+    """Signals sent to ``pid`` and not yet acted on (a stopped process keeps them)."""
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    mask |= int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return set()
+    return {n + 1 for n in range(64) if mask & (1 << n)}
 
 
 def children(pid: int) -> set[int]:

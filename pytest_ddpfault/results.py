@@ -1,4 +1,5 @@
-"""What a run produced: one ``RankResult`` per rank, a ``GroupResult`` for the group.
+"""What a run produced: one ``RankResult`` per rank, a ``GroupResult`` for the group; for
+launched runs, a ``WorkerResult`` per worker process and a ``TorchrunResult``.
 
 Pure data plus assertions and text rendering; no torch, no processes.
 """
@@ -34,6 +35,22 @@ def qualified_name(cls: type) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned columns; the last one (what happened) runs free."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}s" if value is not None else "-"
+
+
+def _plan_lines(plan: str, fired: Sequence, unfired: Sequence) -> list[str]:
+    """The plan, what fired, and what did not (with why), under a result's table."""
+    return ([f"fault plan: {plan}"] if plan else []) + [f"fired: {ev}" for ev in fired] + \
+        [f"did not fire: {u}" for u in unfired]
+
+
 def _tail(text: str, lines: int = _TAIL_LINES) -> str:
     parts = text.rstrip("\n").splitlines()
     return "\n".join(parts[-lines:])
@@ -58,14 +75,17 @@ class FaultEvent:
 
 @dataclass(frozen=True)
 class UnfiredFault:
-    """A fault of the plan that never fired, and why (its trigger never came)."""
+    """A fault of the plan that never fired, and why (its trigger never came); ``attempt``
+    for launched runs (``ddp.torchrun``), None for ``ddp.run``."""
 
     spec: str
     rank: int | None
     reason: str
+    attempt: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.spec}: {self.reason}"
+        where = f" in attempt {self.attempt}" if self.attempt is not None else ""
+        return f"{self.spec}{where}: {self.reason}"
 
 
 @dataclass
@@ -178,22 +198,12 @@ class GroupResult:
 
     # -- text -----------------------------------------------------------------
     def summary(self) -> str:
-        rows = [("rank", "status", "time", "what happened")]
-        for r in self.ranks:
-            t = f"{r.duration:.2f}s" if r.duration is not None else "-"
-            mark = "*" if r.rank in self.faulted_ranks else ""
-            rows.append((f"{r.rank}{mark}", r.status, t, r.detail()))
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = ["  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] for row in rows]
+        lines = _table([("rank", "status", "time", "what happened")] +
+                       [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", r.status,
+                         _seconds(r.duration), r.detail()) for r in self.ranks])
         if self.faulted_ranks:
             lines.append("(* = targeted by a kill, crash or hang fault)")
-        if self.plan:
-            lines.append(f"fault plan: {self.plan}")
-        for ev in self.fault_events:
-            lines.append(f"fired: {ev}")
-        for u in self.unfired:
-            lines.append(f"did not fire: {u}")
-        return "\n".join(lines)
+        return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired))
 
     def report(self, ranks: Sequence[RankResult] | None = None) -> str:
         chosen = [r for r in self.ranks if r.status != "ok"] if ranks is None else list(ranks)
@@ -236,3 +246,129 @@ class GroupResult:
                         problems.append(f"rank {r.rank} ended {took:.2f}s after the first fault, more than within={within}s")
         if problems:
             raise AssertionError("; ".join(problems) + "\n" + self.report(survivors))
+
+
+# --- launched runs (ddp.torchrun, run_script) ----------------------------------------------
+
+@dataclass(frozen=True)
+class AttemptFaultEvent(FaultEvent):
+    """A fault that fired in a launched process; ``time`` is seconds from the launcher's start."""
+
+    attempt: int = 0
+    pid: int | None = None
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} in attempt {self.attempt}"
+
+
+@dataclass
+class WorkerResult(RankResult):
+    """How one worker process of one attempt ended.
+
+    ``status`` as for ``RankResult``. Sources, best first: the exception the hook saw
+    reach the top (``exc_type``, ``message``, ``traceback``), the worker's torchrun error
+    file (``@record``), the agent's report of its exit code, the fault that killed it, the
+    agent's own SIGTERM, a normal interpreter exit ("ok": it did not fail; scripts return
+    no value). ``stdout``/``stderr`` are the worker's own (torchrun ``--tee``).
+    """
+
+    attempt: int = 0
+    local_rank: int | None = None
+    pid: int | None = None
+    error_file: str | None = None
+
+    def detail(self) -> str:
+        if self.status == "ok":
+            return "exited normally"
+        if self.status == "killed" and self.note:
+            return f"{super().detail()}: {self.note}"
+        if self.status == "exited" and self.note:
+            return f"{super().detail()} ({self.note})"
+        return super().detail()
+
+    def report(self) -> str:
+        head, _, rest = super().report().partition("\n")
+        where = f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):"
+        head = head.replace(f"--- rank {self.rank}:", where, 1)
+        return f"{head}\n{rest}" if rest else head
+
+
+@dataclass
+class TorchrunResult:
+    """What a launched run produced: the launcher's end and output, its workers, its faults."""
+
+    command: list
+    exit_code: int | None               # the launcher's; None when a signal ended it
+    signal: int | None = None           # the signal that ended the launcher
+    stdout: str = ""
+    stderr: str = ""
+    fault_events: list = field(default_factory=list)     # AttemptFaultEvent, by time
+    workers: list = field(default_factory=list)          # WorkerResult, by attempt then rank
+    restarts: int = 0                   # restarts the agent made (highest attempt seen)
+    timed_out: bool = False             # ended by the harness at its deadline
+    duration: float = 0.0
+    plan: str = ""
+    max_restarts: int = 0
+    launcher_stack: str | None = None   # the launcher's stacks when it was ended at the deadline
+    events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
+    unfired: list = field(default_factory=list)          # UnfiredFault: what the plan asked for in vain
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def attempts(self) -> int:
+        return self.restarts + 1
+
+    def attempt(self, n: int) -> list[WorkerResult]:
+        """The workers of attempt ``n`` (0 = the first), by rank."""
+        return [w for w in self.workers if w.attempt == n]
+
+    @property
+    def final(self) -> list[WorkerResult]:
+        """The workers of the last attempt."""
+        return self.attempt(self.restarts)
+
+    @property
+    def hung(self) -> list[WorkerResult]:
+        return [w for w in self.workers if w.status == "hung"]
+
+    def describe_end(self) -> str:
+        if self.timed_out:
+            return "ended by the harness at its deadline"
+        if self.signal is not None:
+            return f"launcher died of {signal_name(self.signal)}"
+        return f"exit code {self.exit_code}"
+
+    def summary(self) -> str:
+        plural = "" if self.restarts == 1 else "s"
+        restarts = f"{self.restarts} restart{plural} (max_restarts={self.max_restarts})"
+        lines = [f"{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
+        lines += _table([("attempt", "rank", "status", "time", "what happened")] +
+                        [(str(w.attempt), str(w.rank), w.status, _seconds(w.duration), w.detail())
+                         for w in self.workers])
+        lines += _plan_lines(self.plan, self.fault_events, self.unfired)
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        out = [self.summary()]
+        out += [w.report() for w in self.workers if w.status != "ok"]
+        if self.launcher_stack:
+            out.append("launcher stacks at the deadline (faulthandler):\n" + self.launcher_stack.rstrip())
+        for name, text in (("launcher stdout", self.stdout), ("launcher stderr", self.stderr)):
+            if text.strip():
+                out.append(f"{name} (last 40 lines):\n" + "\n".join(text.rstrip().splitlines()[-40:]))
+        return "\n".join(out)
+
+    def command_line(self) -> str:
+        shown = ["python" if self.command and arg == self.command[0] else arg for arg in self.command]
+        return " ".join(a for a in shown if not a.startswith("--log-dir"))
+
+    def assert_ok(self) -> None:
+        if not self.ok:
+            raise AssertionError(f"the launched run failed: {self.describe_end()}\n{self.report()}")
+
+    def __repr__(self) -> str:
+        return (f"<TorchrunResult {self.describe_end()} restarts={self.restarts} "
+                f"workers={len(self.workers)} {self.duration:.2f}s>")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault.rank.env_plan import EnvPlanError, proc_start_ticks
+from pytest_ddpfault.procfs import start_ticks as proc_start_ticks
+from pytest_ddpfault.rank.env_plan import EnvPlanError
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.torchrun import TorchrunError, TorchrunResult, run_script, run_torchrun
 
@@ -266,7 +267,7 @@ def test_without_a_plan_mp_spawn_workers_are_listed(tmp_path):
     res.assert_ok()
     assert [(w.rank, w.status) for w in res.workers] == [(0, "ok"), (1, "ok")], res.report()
     assert sorted(e["rank"] for e in res.events if e["type"] == "armed") == [0, 1]
-    assert res.unfired == [] and "not fired" not in res.summary()
+    assert res.unfired == [] and "did not fire" not in res.summary()
     assert_nothing_left(res)
 
 
@@ -280,9 +281,9 @@ def test_a_fault_whose_trigger_never_comes_is_reported(tmp_path):
     assert armed == [(0, ()), (1, ("kill_rank(rank=1, at=step#3)",))]
     [unfired] = res.unfired
     assert (unfired.spec, unfired.rank, unfired.attempt) == ("kill_rank(rank=1, at=step#3)", 1, 0)
-    assert unfired.why == ("the trigger never came: pytest_ddpfault.step() was called 0 times, "
+    assert unfired.reason == ("the trigger never came: pytest_ddpfault.step() was called 0 times, "
                            "at=step#3 needs 3")
-    assert f"not fired: {unfired}" in res.summary() and "not fired" in res.report()
+    assert f"did not fire: {unfired}" in res.summary() and "did not fire" in res.report()
     assert_nothing_left(res)
 
 

@@ -34,22 +34,27 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.procfs import descendants
-from pytest_ddpfault.errors import TorchrunError
-from pytest_ddpfault.parent.run import STACK_DUMP_BUDGET, _read_tail, _short_tmp, _wait_for_stacks
+from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
+from pytest_ddpfault.procfs import state as process_state
+from pytest_ddpfault.errors import HarnessWarning, TorchrunError
+from pytest_ddpfault.parent.reaping import (
+    CLEANUP_BUDGET, STACK_DUMP_BUDGET, kill_and_wait, kill_with_group, read_tail, short_tmp, signal_group, signal_pid,
+    wait_for_stacks,
+)
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX
-from pytest_ddpfault.results import FaultEvent, RankResult, signal_name
+from pytest_ddpfault.results import (
+    AttemptFaultEvent, TorchrunResult, UnfiredFault, WorkerResult, signal_name,
+)
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 
 __all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
            "run_script", "run_torchrun"]
 
-REAP_BUDGET = 10.0          # for killed processes to be gone
 _PAUSE = 0.02               # the longest a deadline-bounded wait blocks before looking again
 _WATCH = 0.05               # how often a run's events and frozen workers are looked at
 # ddp.torchrun's default (env= overrides it): the workers' store is not the agent's, whose keys
@@ -66,152 +71,6 @@ _OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_pl
 # The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
-
-
-# --- results -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AttemptFaultEvent(FaultEvent):
-    """A fault that fired in a launched process; ``time`` is seconds from the launcher's start."""
-
-    attempt: int = 0
-    pid: int | None = None
-
-    def __str__(self) -> str:
-        return f"{super().__str__()} in attempt {self.attempt}"
-
-
-@dataclass
-class WorkerResult(RankResult):
-    """How one worker process of one attempt ended.
-
-    ``status`` as for ``RankResult``. Sources, best first: the exception the hook saw
-    reach the top (``exc_type``, ``message``, ``traceback``), the worker's torchrun error
-    file (``@record``), the agent's report of its exit code, the fault that killed it, the
-    agent's own SIGTERM, a normal interpreter exit ("ok": it did not fail; scripts return
-    no value). ``stdout``/``stderr`` are the worker's own (torchrun ``--tee``).
-    """
-
-    attempt: int = 0
-    local_rank: int | None = None
-    pid: int | None = None
-    error_file: str | None = None
-
-    def detail(self) -> str:
-        if self.status == "ok":
-            return "exited normally"
-        if self.status == "killed" and self.note:
-            return f"{super().detail()}: {self.note}"
-        if self.status == "exited" and self.note:
-            return f"{super().detail()} ({self.note})"
-        return super().detail()
-
-    def report(self) -> str:
-        head, _, rest = super().report().partition("\n")
-        where = f"--- attempt {self.attempt}, rank {self.rank} (pid {self.pid}):"
-        head = head.replace(f"--- rank {self.rank}:", where, 1)
-        return f"{head}\n{rest}" if rest else head
-
-
-@dataclass(frozen=True)
-class UnfiredFault:
-    """A fault of the plan that did not fire in an attempt, and why."""
-
-    spec: str
-    rank: int | None
-    attempt: int
-    why: str
-
-    def __str__(self) -> str:
-        where = f" on rank {self.rank}" if self.rank is not None else ""
-        return f"{self.spec} did not fire{where} in attempt {self.attempt}: {self.why}"
-
-
-@dataclass
-class TorchrunResult:
-    """What a launched run produced: the launcher's end and output, its workers, its faults."""
-
-    command: list
-    exit_code: int | None               # the launcher's; None when a signal ended it
-    signal: int | None = None           # the signal that ended the launcher
-    stdout: str = ""
-    stderr: str = ""
-    fault_events: list = field(default_factory=list)     # AttemptFaultEvent, by time
-    workers: list = field(default_factory=list)          # WorkerResult, by attempt then rank
-    restarts: int = 0                   # restarts the agent made (highest attempt seen)
-    timed_out: bool = False             # ended by the harness at its deadline
-    duration: float = 0.0
-    plan: str = ""
-    max_restarts: int = 0
-    launcher_stack: str | None = None   # the launcher's stacks when it was ended at the deadline
-    events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
-    unfired: list = field(default_factory=list)          # UnfiredFault: what the plan asked for in vain
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
-
-    @property
-    def attempts(self) -> int:
-        return self.restarts + 1
-
-    def attempt(self, n: int) -> list[WorkerResult]:
-        """The workers of attempt ``n`` (0 = the first), by rank."""
-        return [w for w in self.workers if w.attempt == n]
-
-    @property
-    def final(self) -> list[WorkerResult]:
-        """The workers of the last attempt."""
-        return self.attempt(self.restarts)
-
-    @property
-    def hung(self) -> list[WorkerResult]:
-        return [w for w in self.workers if w.status == "hung"]
-
-    def describe_end(self) -> str:
-        if self.timed_out:
-            return "ended by the harness at its deadline"
-        if self.signal is not None:
-            return f"launcher died of {signal_name(self.signal)}"
-        return f"exit code {self.exit_code}"
-
-    def summary(self) -> str:
-        plural = "" if self.restarts == 1 else "s"
-        restarts = f"{self.restarts} restart{plural} (max_restarts={self.max_restarts})"
-        lines = [f"{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
-        rows = [("attempt", "rank", "status", "time", "what happened")]
-        for w in self.workers:
-            t = f"{w.duration:.2f}s" if w.duration is not None else "-"
-            rows.append((str(w.attempt), str(w.rank), w.status, t, w.detail()))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines += ["  ".join(row[i].ljust(widths[i]) for i in range(4)) + "  " + row[4] for row in rows]
-        if self.plan:
-            lines.append(f"fault plan: {self.plan}")
-        lines += [f"fired: {ev}" for ev in self.fault_events]
-        lines += [f"not fired: {u}" for u in self.unfired]
-        return "\n".join(lines)
-
-    def report(self) -> str:
-        out = [self.summary()]
-        out += [w.report() for w in self.workers if w.status != "ok"]
-        if self.launcher_stack:
-            out.append("launcher stacks at the deadline (faulthandler):\n" + self.launcher_stack.rstrip())
-        for name, text in (("launcher stdout", self.stdout), ("launcher stderr", self.stderr)):
-            if text.strip():
-                out.append(f"{name} (last 40 lines):\n" + "\n".join(text.rstrip().splitlines()[-40:]))
-        return "\n".join(out)
-
-    def command_line(self) -> str:
-        shown = ["python" if self.command and arg == self.command[0] else arg for arg in self.command]
-        return " ".join(a for a in shown if not a.startswith("--log-dir"))
-
-    def assert_ok(self) -> None:
-        if not self.ok:
-            raise AssertionError(f"the launched run failed: {self.describe_end()}\n{self.report()}")
-
-    def __repr__(self) -> str:
-        return (f"<TorchrunResult {self.describe_end()} restarts={self.restarts} "
-                f"workers={len(self.workers)} {self.duration:.2f}s>")
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -275,13 +134,14 @@ class _LaunchRun:
                 "from a checkout) rather than putting it on PYTHONPATH")
         # The owner's pid in the name: launcher.sweep_stale_files removes it if the owner
         # died without cleaning up.
-        self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-run-", dir=_short_tmp())
+        self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-run-", dir=short_tmp())
         self.log_dir = os.path.join(self.dir, "logs")
         self.events_path = os.path.join(self.dir, "events.jsonl")
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.start = 0.0
         self.timed_out = False
+        self._ending: Deadline | None = None   # the one clean-up budget, from the first kill on
         self.ended: set[int] = set()       # pids ended at the deadline
         self.ended_at = 0.0
         self.tail: _EventTail | None = None
@@ -316,7 +176,7 @@ class _LaunchRun:
                 self._end_at_deadline()
             duration = time.monotonic() - self.start
             self._kill_leftovers()
-            return self._collect(argv, max_restarts, duration, _read_tail(out_path), _read_tail(err_path))
+            return self._collect(argv, max_restarts, duration, read_tail(out_path), read_tail(err_path))
         finally:
             self._cleanup()
 
@@ -343,12 +203,12 @@ class _LaunchRun:
         for pid in self.frozen:
             if pid in self.released or pid in self.gone_at:
                 continue
-            stop = _pending_stop_signal(pid)
-            if stop is not None and _proc_state(pid) in ("T", "t"):
+            stop = next((s for s in _STOP_SIGNALS if int(s) in pending_signals(pid)), None)
+            if stop is not None and process_state(pid) in ("T", "t"):
                 # Stopped, it cannot act on the signal: whoever sent it would wait out its
                 # grace period (torchrun's agent: 30 s) for nothing.
                 self.released[pid] = (time.monotonic(), stop)
-                _kill_with_group(pid)
+                kill_with_group(pid)
 
     def _watch_process(self, pid: int, ticks: int) -> None:
         try:
@@ -356,7 +216,7 @@ class _LaunchRun:
         except OSError:
             self.gone_at.setdefault(pid, time.monotonic())  # by now, at the latest
             return
-        if env_plan.proc_start_ticks(pid) != ticks:  # gone already (or the pid is someone else's)
+        if start_ticks(pid) != ticks:  # gone already (or the pid is someone else's)
             os.close(fd)
             self.gone_at.setdefault(pid, time.monotonic())  # by now, at the latest
             return
@@ -377,51 +237,58 @@ class _LaunchRun:
         self.ended_at = time.monotonic()
         self._watch()
         tree = [root, *descendants(root)]
-        dumping = []
+        dumping: dict[int, str] = {}   # pid -> its stack file
         for pid in tree:
             path = env_plan.stack_path(self.events_path, pid)
             # A stopped process (hang_rank froze it) stays stopped until it is killed: waking
             # it would let its user code run on past the deadline. Its stacks were taken as
             # it froze itself.
-            if os.path.exists(path) and _proc_state(pid) not in ("T", "t"):
-                _signal(pid, signal.SIGUSR1)   # registered: SIGUSR1 dumps stacks instead of killing it
-                dumping.append(SimpleNamespace(pid=pid, stack_path=path, exit=None))
+            if os.path.exists(path) and process_state(pid) not in ("T", "t"):
+                signal_pid(pid, signal.SIGUSR1)   # registered: SIGUSR1 dumps stacks instead of killing it
+                dumping[pid] = path
         self.ended.update(tree)
 
         def pause() -> None:
             # Returns at once if the launcher has just died; the dumps are given _PAUSE anyway.
             select.select([] if self.proc.poll() is not None else [self.pidfd], [], [], _PAUSE)
-            for p in dumping:
-                if env_plan.proc_start_ticks(p.pid) is None:
-                    p.exit = True
 
-        _wait_for_stacks(dumping, Deadline.after(STACK_DUMP_BUDGET), pause)
+        wait_for_stacks(lambda: [path for pid, path in dumping.items() if start_ticks(pid) is not None],
+                        self.cleanup_deadline().within(STACK_DUMP_BUDGET), pause)
         # Freeze the launcher so that it starts nothing new, then kill what it has.
-        _signal_group(root, signal.SIGSTOP)
+        signal_group(root, signal.SIGSTOP)
         for pid in descendants(root):
             self.ended.add(pid)
-            _kill_with_group(pid)
-        _kill_with_group(root)
-        self.proc.wait(REAP_BUDGET)
+            kill_with_group(pid)
+        kill_with_group(root)
+        self.proc.wait(self.cleanup_deadline().remaining())
 
     def _kill_leftovers(self) -> None:
         """Every process the hook recorded that is still alive (orphaned workers): killed."""
         if self.proc.poll() is None:
-            _kill_with_group(self.proc.pid)
-            self.proc.wait(REAP_BUDGET)
+            kill_with_group(self.proc.pid)
+            self.proc.wait(self.cleanup_deadline().remaining())
         alive = {}
         for ev in env_plan.read_events(self.events_path):
             pid, ticks = ev.get("pid"), ev.get("start_ticks")
             if ev.get("type") == "process" and pid and ticks is not None \
-                    and env_plan.proc_start_ticks(pid) == ticks:
+                    and start_ticks(pid) == ticks:
                 alive[pid] = ticks
-        _kill_and_wait(alive, Deadline.after(REAP_BUDGET))
+        left = kill_and_wait(alive, self.cleanup_deadline())
+        if left:
+            warnings.warn(HarnessWarning(f"pytest-ddpfault: processes {left} of the launched run did not end within "
+                                         f"the clean-up budget ({CLEANUP_BUDGET:g} s) after SIGKILL"), stacklevel=2)
+
+    def cleanup_deadline(self) -> Deadline:
+        """The run's one clean-up budget, started by the first thing that ends processes."""
+        if self._ending is None:
+            self._ending = Deadline.after(CLEANUP_BUDGET)
+        return self._ending
 
     def _cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:  # an error or Ctrl-C on the way
             for pid in [*descendants(self.proc.pid), self.proc.pid]:
-                _kill_with_group(pid)
-            self.proc.wait(REAP_BUDGET)
+                kill_with_group(pid)
+            self.proc.wait(self.cleanup_deadline().remaining())
             try:
                 self._kill_leftovers()
             except OSError:
@@ -450,7 +317,7 @@ class _LaunchRun:
         res.restarts = max((w.attempt for w in res.workers), default=0)
         res.unfired = self._unfired(events, res.workers, res.restarts)
         if self.timed_out:
-            res.launcher_stack = _read_tail(env_plan.stack_path(self.events_path, self.proc.pid)) or None
+            res.launcher_stack = read_tail(env_plan.stack_path(self.events_path, self.proc.pid)) or None
         return res
 
     def _workers(self, events: list, launcher_output: str) -> list[WorkerResult]:
@@ -490,7 +357,7 @@ class _LaunchRun:
         stack_file = env_plan.stack_path(self.events_path, pid)
         end = None
         if local_rank is not None and start.get("local_rank") is not None:
-            w.stdout, w.stderr = (_read_tail(p) for p in self._worker_logs(attempt, local_rank))
+            w.stdout, w.stderr = (read_tail(p) for p in self._worker_logs(attempt, local_rank))
             w.error_file = self._error_file(attempt, local_rank)
         if code is not None:
             w.exit_code, w.signal = (code, None) if code >= 0 else (None, -code)
@@ -509,14 +376,14 @@ class _LaunchRun:
                 w.note, end = f"{froze} until the harness deadline", self.ended_at
             else:
                 w.note, end = f"{froze} until it was killed", gone
-            w.stack = _read_tail(stack_file) or None
+            w.stack = read_tail(stack_file) or None
         elif self.timed_out and not finished:  # in the tree at the deadline, or orphaned
             w.status, w.exit_code, w.signal, end = "hung", None, None, self.ended_at
             w.note = "still running at the harness deadline"
             if seen_end is not None:
                 w.note += (f" (it ended {seen_end - self.ended_at:.2f}s later, while the run was being "
                            "stopped)")
-            w.stack = _read_tail(stack_file) or None
+            w.stack = read_tail(stack_file) or None
         elif exc is not None:
             w.status, w.exc_type, w.exc_mro = "raised", exc.get("exc_type"), tuple(exc.get("exc_mro", ()))
             w.message, w.traceback, end = exc.get("message"), exc.get("traceback"), exc.get("time")
@@ -572,8 +439,9 @@ class _LaunchRun:
             for a in ([item.attempt] if item.attempt is not None else range(restarts + 1)):
                 if a > restarts:
                     plural = "" if restarts == 1 else "s"
-                    out.append(UnfiredFault(spec, item.fault.rank, a, f"attempt {a} never ran (the run "
-                                                                      f"made {restarts} restart{plural})"))
+                    out.append(UnfiredFault(spec, item.fault.rank, f"attempt {a} never ran (the run "
+                                                                      f"made {restarts} restart{plural})",
+                                            attempt=a))
                     continue
                 rank = item.fault.resolved_rank(world[a]) if a in world else item.fault.rank
                 if (a, spec, rank) in fired:
@@ -586,7 +454,7 @@ class _LaunchRun:
                                "torch.distributed, or none learnt its rank)")
                     else:
                         why = f"rank {rank} ended before its trigger came ({w.status}: {w.detail()})"
-                out.append(UnfiredFault(spec, rank, a, why))
+                out.append(UnfiredFault(spec, rank, why, attempt=a))
         return out
 
     def _attempt_dir(self, attempt: int, local_rank: int) -> str | None:
@@ -623,29 +491,6 @@ class _EventTail:
         return env_plan.parse_event_lines(lines)
 
 
-def _proc_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat ("T": stopped), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode()
-        return stat[stat.rindex(")") + 2]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pending_stop_signal(pid: int) -> int | None:
-    """A signal of ``_STOP_SIGNALS`` that is pending in ``pid`` (sent, not yet acted on)."""
-    mask = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("SigPnd:", "ShdPnd:")):
-                    mask |= int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
-        return None
-    return next((int(sig) for sig in _STOP_SIGNALS if mask & (1 << (int(sig) - 1))), None)
-
-
 def _first(events: list, type_: str, **match) -> dict | None:
     return next((ev for ev in events if ev.get("type") == type_
                  and all(ev.get(k) == v for k, v in match.items())), None)
@@ -672,52 +517,3 @@ def _spec_signal(spec: str) -> int:
     m = re.search(r"signal=(\w+)", spec)
     name = m.group(1) if m else "SIGKILL"
     return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(name)
-
-
-# --- processes from the outside ---------------------------------------------------------------
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Signal the group ``pid`` leads (launchers and torchrun's workers lead their own)."""
-    try:
-        if os.getpgid(pid) == pid and pid != os.getpgrp():
-            os.killpg(pid, sig)
-            return
-    except (ProcessLookupError, PermissionError):
-        return
-    _signal(pid, sig)
-
-
-def _kill_with_group(pid: int) -> None:
-    _signal_group(pid, signal.SIGKILL)
-    _signal(pid, signal.SIGKILL)
-
-
-def _kill_and_wait(alive: dict[int, int], until: Deadline) -> None:
-    """SIGKILL each ``pid: start_ticks`` (and its group) and wait until each is gone."""
-    fds = {}
-    for pid, ticks in alive.items():
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        if env_plan.proc_start_ticks(pid) != ticks:  # the pid is someone else's now
-            os.close(fd)
-            continue
-        fds[fd] = pid
-        _kill_with_group(pid)
-    try:
-        while fds and not until.expired():
-            ready, _, _ = select.select(list(fds), [], [], until.remaining())
-            for fd in ready:
-                fds.pop(fd)
-                os.close(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)

@@ -34,6 +34,7 @@ from pytest_ddpfault.parent.shipping import dumps_call
 from pytest_ddpfault.rank.bootstrap import ChildJob
 from pytest_ddpfault.errors import HarnessError, HarnessWarning
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
+from pytest_ddpfault.parent.reaping import CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, wait_for_stacks
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
 from pytest_ddpfault.settings import check_timeout, check_world_size
 
@@ -42,11 +43,7 @@ from pytest_ddpfault.settings import check_timeout, check_world_size
 SETUP_BUDGET = 600.0
 ZYGOTE_START_BUDGET = 180.0  # importing torch on a loaded 2-core machine can take ~10 s
 STORE_START_BUDGET = 60.0
-# After it: one clean-up budget for stack dumps, kills and reaping together.
-CLEANUP_BUDGET = 15.0
-STACK_DUMP_BUDGET = 3.0    # (inside it) for every live rank to write its stacks at the deadline
-STACK_DUMP_SETTLE = 0.3    # a dump is complete once its file stopped growing this long
-OUTPUT_LIMIT = 1 << 20     # bytes of stdout/stderr kept per rank (the tail)
+# After it: one clean-up budget for stack dumps, kills and reaping (parent/reaping.py).
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ class GroupRun:
 
     def _run(self) -> GroupResult:
         try:
-            self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=_short_tmp())
+            self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
             self.actions = [f.definition.action(f, self) for f in self.plan if f.definition.harness_side]
             self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload),
@@ -315,8 +312,8 @@ class GroupRun:
             p.ended_by_harness, p.ended_at = why, now
             self.launcher.signal(p.pid, signal.SIGUSR1, group=False)
             self.launcher.signal(p.pid, signal.SIGCONT)  # a stopped rank handles it on resume
-        _wait_for_stacks(procs, self.cleanup_deadline().within(STACK_DUMP_BUDGET),
-                         lambda: self._pump(Deadline.after(0.02)))
+        wait_for_stacks(lambda: [p.stack_path for p in procs if p.exit is None],
+                        self.cleanup_deadline().within(STACK_DUMP_BUDGET), lambda: self._pump(Deadline.after(0.02)))
         for p in procs:
             self.launcher.signal(p.pid, signal.SIGKILL)
         self._reap(procs)
@@ -368,7 +365,7 @@ class GroupRun:
 
     def _rank_result(self, p: _Proc) -> RankResult:
         r = RankResult(rank=p.rank, status="hung")
-        r.stdout, r.stderr = _read_tail(p.stdout_path), _read_tail(p.stderr_path)
+        r.stdout, r.stderr = read_tail(p.stdout_path), read_tail(p.stderr_path)
         end = p.exit.time if p.exit is not None else time.monotonic()
         record = _load_result(p.result_path)
         if record is not None and p.ended_by_harness and record["end"] >= p.ended_at:
@@ -393,7 +390,7 @@ class GroupRun:
                         r.exc = None
         elif p.ended_by_harness:
             r.status, r.note = "hung", p.ended_by_harness
-            r.stack = hide_in_stack(_read_tail(p.stack_path)) or None
+            r.stack = hide_in_stack(read_tail(p.stack_path)) or None
         elif p.exit is not None and p.exit.signal is not None:
             r.status = "killed"
         else:
@@ -405,7 +402,7 @@ class GroupRun:
         return r
 
     def _output_of(self, p: _Proc) -> str:
-        text = (_read_tail(p.stdout_path) + _read_tail(p.stderr_path)).strip()
+        text = (read_tail(p.stdout_path) + read_tail(p.stderr_path)).strip()
         return f"; its output:\n{text[-4000:]}" if text else ""
 
     # -- clean-up ---------------------------------------------------------------
@@ -440,42 +437,6 @@ class GroupRun:
             self.launcher.end_run()
 
 
-def _wait_for_stacks(procs: list[_Proc], until: Deadline, pump: Callable[[], None]) -> None:
-    """faulthandler writes from a signal handler; a dump is done when its file stops growing."""
-    sizes: dict[int, tuple[int, float]] = {}
-    while not until.expired():
-        pending = 0
-        for p in procs:
-            if p.exit is not None:
-                continue
-            size = _size(p.stack_path)
-            prev = sizes.get(p.pid)
-            if size == 0 or prev is None or prev[0] != size:
-                sizes[p.pid] = (size, time.monotonic())
-                pending += 1
-            elif time.monotonic() - prev[1] < STACK_DUMP_SETTLE:
-                pending += 1
-        if not pending:
-            return
-        pump()
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _read_tail(path: str, limit: int = OUTPUT_LIMIT) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, _size(path) - limit))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
 def _load_result(path: str) -> dict | None:
     if not path:
         return None
@@ -484,12 +445,6 @@ def _load_result(path: str) -> dict | None:
             return pickle.load(f)
     except (OSError, EOFError, pickle.UnpicklingError):
         return None
-
-
-def _short_tmp() -> str:
-    """A temp dir short enough for a Unix socket path (108 bytes)."""
-    tmp = tempfile.gettempdir()
-    return tmp if len(tmp) < 60 else "/tmp"
 
 
 def _sys_path() -> list:

@@ -45,12 +45,13 @@ from typing import Any
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.rank.bootstrap import set_parent_death_signal
 from pytest_ddpfault.faults import Fault, FaultSpecError
+from pytest_ddpfault.procfs import start_ticks
 from pytest_ddpfault.results import qualified_name
 
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
     "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
-    "parse_env_plan", "parse_event_lines", "proc_start_ticks", "read_events", "stack_path", "validate_env_plan",
+    "parse_env_plan", "parse_event_lines", "read_events", "stack_path", "validate_env_plan",
 ]
 
 ENV_PLAN = "DDPFAULT_PLAN"
@@ -267,18 +268,6 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     return int(text) if text.lstrip("-").isdecimal() else None
 
 
-def proc_start_ticks(pid: int | str = "self") -> int | None:
-    """A process's start time (clock ticks since boot; None if it is gone or a zombie):
-    with its pid, this names one process, whatever reuses the pid later."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class _Activation:
     """One process's armed state: the plan for its attempt, the event sink, the import watch."""
 
@@ -305,7 +294,7 @@ class _Activation:
             self.events.send({"type": "process", "ppid": os.getppid(), "rank": self.env_rank,
                               "local_rank": _env_int(self.env, "LOCAL_RANK"),
                               "world_size": _env_int(self.env, "WORLD_SIZE"),
-                              "start_ticks": proc_start_ticks(), "time": self.started})
+                              "start_ticks": start_ticks(), "time": self.started})
             self._watch_exit()
         # Armed means the same in every process, whether or not one of its faults is due in
         # this attempt: its calls are counted (and its rank, its end are recorded).
