@@ -41,8 +41,7 @@ class DDP:
         """Run ``fn(*args, **kwargs)`` once in each rank and wait for all of them."""
         from pytest_ddpfault.parent.run import GroupRun, RunConfig
 
-        plan = self.faults if faults is _UNSET else tuple(_faults.parse_plan(faults))
-        _faults.validate_plan(plan, self.world_size)
+        plan = self.faults if faults is _UNSET else faults   # RunConfig checks it against the group
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
         config = RunConfig(world_size=self.world_size, faults=plan, timeout=limit, backend=self.backend,
                            init=init, proxy=self.proxy, start_method=self.start_method,

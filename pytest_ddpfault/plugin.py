@@ -38,6 +38,7 @@ GROUP_HELP = ("fault injection for torch.distributed (pytest-ddpfault); settings
 _settings_key = pytest.StashKey["SessionSettings"]()
 _results_key = pytest.StashKey[list]()
 _marker_error_key = pytest.StashKey[str]()
+_marker_key = pytest.StashKey["MarkerSettings"]()
 _slots_key = pytest.StashKey[object]()
 _SLOTS_INPUT = "ddpfault_slots_dir"
 _REPORTED_RUNS = 3
@@ -141,8 +142,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     marker = _marker(item)
     if marker is None:
         return
-    try:
-        marker_settings(marker.args, marker.kwargs, item.config.stash[_settings_key])
+    try:  # resolved once, here; the fixture takes it from the item
+        item.stash[_marker_key] = marker_settings(marker.args, marker.kwargs, item.config.stash[_settings_key])
     except SettingsError as exc:
         item.stash[_marker_error_key] = f"{item.nodeid}: {exc}"
 
@@ -180,8 +181,7 @@ def ddp(request: pytest.FixtureRequest):
     from pytest_ddpfault.api import DDP
 
     settings = request.config.stash[_settings_key]
-    marker = _marker(request.node)
-    ms = marker_settings(marker.args, marker.kwargs, settings) if marker else marker_settings((), {}, settings)
+    ms = request.node.stash.get(_marker_key, None) or marker_settings((), {}, settings)
     runner = DDP(world_size=ms.world_size, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
                  proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
                  toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key])

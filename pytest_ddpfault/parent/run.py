@@ -63,6 +63,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_world_size(self.world_size, "RunConfig")
         check_timeout(self.timeout, "RunConfig")
+        object.__setattr__(self, "faults", _faults.validate_plan(self.faults, self.world_size))
 
 
 @dataclass
@@ -87,8 +88,7 @@ class GroupRun:
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, config: RunConfig) -> None:
         self.fn, self.args, self.kwargs, self.config = fn, args, kwargs, config
-        self.plan: tuple = _faults.parse_plan(config.faults)
-        _faults.validate_plan(self.plan, config.world_size)
+        self.plan: tuple = config.faults   # parsed and checked by RunConfig
         self.dir = ""
         self.inbox: EventInbox | None = None
         self.launcher = None
@@ -458,7 +458,7 @@ def run_group(fn: Callable, *args, world_size: int = 2, faults=None, timeout: fl
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
     check_world_size(world_size, "run_group(world_size=...)")
     check_timeout(timeout, "run_group(timeout=...)")
-    config = RunConfig(world_size=world_size, faults=tuple(_faults.parse_plan(faults)), timeout=timeout,
+    config = RunConfig(world_size=world_size, faults=faults, timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
                        preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy)
     return GroupRun(fn, args, kwargs, config).run()
