@@ -1,4 +1,5 @@
-"""The harness's own frames, hidden from what users read (as pytest hides its own).
+"""Tracebacks and stacks as users read them: the harness's own frames hidden (as pytest
+hides its own), and the fields that describe an exception in results and events.
 
 A traceback or stack of a rank runs through the bootstrap, the trigger wrappers and the
 fault kinds before it reaches the user's code or torch. Those frames are ours, not the
@@ -43,6 +44,15 @@ def format_exception(exc: BaseException) -> str:
             t.stack = traceback.StackSummary.from_list(kept)
             todo += [t.__cause__, t.__context__, *(getattr(t, "exceptions", None) or [])]
     return "".join(te.format())
+
+
+def exception_fields(exc: BaseException) -> dict:
+    """What a result or an event says of an exception: its type (and MRO, for
+    ``RankResult.raised``), message and traceback (without the harness's frames)."""
+    from pytest_ddpfault.results import qualified_name
+
+    return {"exc_type": qualified_name(type(exc)), "exc_mro": [qualified_name(c) for c in type(exc).__mro__],
+            "message": str(exc), "traceback": format_exception(exc)}
 
 
 def hide_in_stack(text: str) -> str:

@@ -67,12 +67,8 @@ class FaultFirer:
 
     def fire(self, fault: Fault, trigger: str, from_timer: bool = False) -> None:
         kind = fault.definition
-        self.events.send({
-            "type": "fault", "kind": fault.kind, "rank": self.rank, "trigger": trigger,
-            "spec": str(fault), "time": time.monotonic(),
-            "freezes": kind.name == "hang_rank", "resume_after": fault.get("resume_after")
-            if "resume_after" in kind.keys else None,
-        })
+        self.events.send("fault", kind=fault.kind, rank=self.rank, trigger=trigger, spec=str(fault),
+                         time=time.monotonic(), **kind.event_fields(fault))
         if from_timer and threading.get_ident() != self.main_thread:
             try:
                 kind.fire_in_rank(fault)

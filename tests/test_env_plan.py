@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ddpfault.ipc import LineSink, UnknownMessage
 from pytest_ddpfault.rank.env_plan import (
-    ENV_ATTEMPT, ENV_EVENTS, ENV_PLAN, PTH_NAME, EnvPlanError, JsonLinesSink, ScopedFault,
+    ENV_ATTEMPT, ENV_EVENTS, ENV_PLAN, PTH_NAME, EnvPlanError, ScopedFault,
     current_attempt, format_env_plan, hook_path, parse_env_plan, read_events, stack_path,
     validate_env_plan,
 )
@@ -97,10 +98,10 @@ def test_concurrent_writers_leave_whole_lines(tmp_path):
     path = str(tmp_path / "events.jsonl")
     code = f"""
         import sys
-        from pytest_ddpfault.rank.env_plan import JsonLinesSink
-        sink = JsonLinesSink({path!r}, attempt=int(sys.argv[1]))
+        from pytest_ddpfault.ipc import LineSink
+        sink = LineSink({path!r}, attempt=int(sys.argv[1]))
         for i in range(300):
-            sink.send({{"type": "fault", "i": i, "pad": "x" * 500}})
+            sink.send("fault", i=i, pad="x" * 500)
     """
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(a)]) for a in range(3)]
     for p in procs:
@@ -114,13 +115,17 @@ def test_concurrent_writers_leave_whole_lines(tmp_path):
         assert all("time" in e and "wall" in e for e in mine)
 
 
-def test_read_events_skips_a_torn_line(tmp_path):
+def test_read_events_skips_a_torn_line_and_rejects_a_bad_whole_one(tmp_path):
     path = tmp_path / "events.jsonl"
-    JsonLinesSink(str(path), attempt=0).send({"type": "fault"})
+    LineSink(str(path), attempt=0).send("fault")
     with open(path, "a") as f:
         f.write('{"type": "fau')
     assert [e["type"] for e in read_events(str(path))] == ["fault"]
     assert read_events(str(tmp_path / "missing")) == []
+    with open(path, "a") as f:
+        f.write('\n')  # the torn line is now whole, and not a message: said loudly
+    with pytest.raises(UnknownMessage, match="not JSON"):
+        read_events(str(path))
 
 
 # --- the .pth hook ---------------------------------------------------------------------------

@@ -36,6 +36,3 @@ __all__ = [
     "TriggerCounter", "faulted_ranks", "format_plan", "kinds_with", "parse_plan", "rank_faults",
     "split_spec", "split_top_level", "validate_plan",
 ]
-
-# Temporary names for modules not yet moved to the new layout.
-_split_spec, _split_top = split_spec, split_top_level

@@ -37,6 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from pytest_ddpfault import ipc
 from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
@@ -144,7 +145,7 @@ class _LaunchRun:
         self._ending: Deadline | None = None   # the one clean-up budget, from the first kill on
         self.ended: set[int] = set()       # pids ended at the deadline
         self.ended_at = 0.0
-        self.tail: _EventTail | None = None
+        self.tail: ipc.LineTail | None = None
         self.watched: dict[int, int] = {}  # pidfd -> pid of each recorded process still running
         self.gone_at: dict[int, float] = {}  # pid -> when it was seen to end (monotonic)
         self.frozen: dict[int, dict] = {}  # pid -> the fault event of the hang_rank that froze it
@@ -170,7 +171,7 @@ class _LaunchRun:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                              env=self.env(), cwd=self.cwd, start_new_session=True)
             self.pidfd = os.pidfd_open(self.proc.pid)
-            self.tail = _EventTail(self.events_path)
+            self.tail = ipc.LineTail(self.events_path)
             if not self._wait(deadline):
                 self.timed_out = True
                 self._end_at_deadline()
@@ -194,7 +195,7 @@ class _LaunchRun:
         return True
 
     def _watch(self) -> None:
-        for ev in self.tail.read():
+        for ev in env_plan.checked_events(self.tail.read(), self.events_path):
             pid = ev.get("pid")
             if ev.get("type") == "process" and pid and ev.get("start_ticks") is not None:
                 self._watch_process(pid, ev["start_ticks"])
@@ -469,26 +470,6 @@ class _LaunchRun:
         d = self._attempt_dir(attempt, local_rank)
         path = d and os.path.join(d, "error.json")
         return path if path and os.path.isfile(path) else None
-
-
-class _EventTail:
-    """The ``DDPFAULT_EVENTS`` records appended since the last look (whole lines only)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        self.offset += len(data)
-        *lines, self.partial = (self.partial + data).split(b"\n")
-        return env_plan.parse_event_lines(lines)
 
 
 def _first(events: list, type_: str, **match) -> dict | None:

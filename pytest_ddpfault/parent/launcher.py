@@ -99,6 +99,9 @@ def _decode_status(pid: int, status: int, when: float) -> ChildExit:
     return ChildExit(pid, os.waitstatus_to_exitcode(status), None, when)
 
 
+_FROM_ZYGOTE = ("ready", "spawned", "exited", "error")
+
+
 class ZygoteLauncher:
     """Client of one zygote process (see ``zygote.py``)."""
 
@@ -131,18 +134,20 @@ class ZygoteLauncher:
         self.sock = parent_sock
 
     # -- wire ------------------------------------------------------------------
-    def _read_frames(self, deadline: Deadline) -> list[tuple[str, object]]:
+    def _read_frames(self, deadline: Deadline) -> list[dict]:
         ready, _, _ = select.select([self.sock], [], [], deadline.remaining())
         if not ready:
             return []
         data = self.sock.recv(1 << 16)
         if not data:
             raise LauncherError(f"the zygote (pid {self.proc.pid}) died{self._log_tail()}")
-        frames = self._reader.feed(data)
-        for name, payload in frames:
-            if name == "exited":
-                self._exits.append(_decode_status(payload["pid"], payload["status"], payload["time"]))
-        return [f for f in frames if f[0] != "exited"]
+        frames = [ipc.check_type(m, _FROM_ZYGOTE, "the zygote") for m in self._reader.feed(data)]
+        for msg in frames:
+            if msg["type"] == "exited":
+                self._exits.append(_decode_status(msg["pid"], msg["status"], msg["time"]))
+            elif msg["type"] == "error":
+                raise LauncherError(f"zygote: {msg['message']}")
+        return [m for m in frames if m["type"] not in ("exited", "error")]
 
     def _log_tail(self) -> str:
         try:
@@ -159,9 +164,9 @@ class ZygoteLauncher:
                 raise LauncherError(
                     f"the zygote did not get ready within its start-up budget (preload {', '.join(self.preload)})"
                     f"{self._log_tail()}")
-            for name, payload in self._read_frames(deadline):
-                if name == "ready":
-                    self._ready = payload
+            for msg in self._read_frames(deadline):
+                if msg["type"] == "ready":
+                    self._ready = msg
                     now = time.monotonic()
                     self.start_seconds, self.waited_seconds = now - self.started_at, now - waiting_since
         if self._ready["errors"]:
@@ -184,16 +189,14 @@ class ZygoteLauncher:
         """Start every job; return ``(pid, start time)`` in the same order."""
         self.wait_ready(deadline)
         ids = [next(self._ids) for _ in jobs]
-        self.sock.sendall(b"".join(ipc.encode("spawn", {"id": i, "job": j}) for i, j in zip(ids, jobs)))
+        self.sock.sendall(b"".join(ipc.encode_frame(ipc.message("spawn", id=i, job=j)) for i, j in zip(ids, jobs)))
         started: dict[int, tuple[int, float]] = {}
         while len(started) < len(ids):
             if deadline.expired():
                 raise LauncherError(f"the zygote did not start {len(ids) - len(started)} of {len(ids)} processes in time")
-            for name, payload in self._read_frames(deadline):
-                if name == "spawned":
-                    started[payload["id"]] = (payload["pid"], payload["time"])
-                elif name == "error":
-                    raise LauncherError(f"zygote: {payload['message']}")
+            for msg in self._read_frames(deadline):
+                if msg["type"] == "spawned":
+                    started[msg["id"]] = (msg["pid"], msg["time"])
         return [started[i] for i in ids]
 
     def selectables(self) -> list:
@@ -211,7 +214,7 @@ class ZygoteLauncher:
 
     def signal(self, pid: int, sig: int, group: bool = True) -> None:
         try:
-            ipc.send(self.sock, "signal", {"pid": pid, "sig": int(sig), "group": group})
+            ipc.send_frame(self.sock, "signal", pid=pid, sig=int(sig), group=group)
         except OSError:
             pass  # zygote gone: its children died with it (PDEATHSIG)
 
@@ -220,7 +223,7 @@ class ZygoteLauncher:
 
     def close(self, timeout: float = 5.0) -> None:
         try:
-            ipc.send(self.sock, "shutdown", None)
+            ipc.send_frame(self.sock, "shutdown")
         except OSError:
             pass
         try:

@@ -28,6 +28,7 @@ from typing import Callable
 
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault import ipc
 from pytest_ddpfault.ipc import EventInbox
 from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.parent.shipping import dumps_call
@@ -104,6 +105,7 @@ class GroupRun:
         self._timers: list = []
         self.setup = Deadline.after(SETUP_BUDGET)
         self._ending: Deadline | None = None  # the one clean-up budget, from the first kill on
+        self._handlers = {"store_ready": self._on_store_ready, "fault": self._on_fault}
         self._seq = itertools.count()
         self._store_port: int | None = None
         self.actions: list = []
@@ -260,19 +262,24 @@ class GroupRun:
             self._on_event(ev)
 
     def _on_event(self, ev: dict) -> None:
-        kind = ev.get("type")
-        if kind == "store_ready":
-            self._store_port = int(ev["port"])
-        elif kind == "fault":
-            self.record(ev["kind"], ev.get("rank"), ev.get("trigger", ""), ev.get("spec", ""),
-                        ev.get("detail", ""), when=ev.get("time"))
-            rank = ev.get("rank")
-            if ev.get("freezes") and rank is not None:
-                self.ranks[rank].frozen = True
-                resume = ev.get("resume_after")
-                if resume:
-                    self.ranks[rank].resumes = True
-                    self.at(max(0.0, ev["time"] - self.start) + resume, lambda r=rank: self._resume(r))
+        try:
+            ipc.dispatch(ev, self._handlers, "a process of the run")
+        except ipc.UnknownMessage as exc:
+            raise HarnessError(str(exc)) from None
+
+    def _on_store_ready(self, ev: dict) -> None:
+        self._store_port = int(ev["port"])
+
+    def _on_fault(self, ev: dict) -> None:
+        self.record(ev["kind"], ev.get("rank"), ev.get("trigger", ""), ev.get("spec", ""),
+                    ev.get("detail", ""), when=ev.get("time"))
+        rank = ev.get("rank")
+        if ev.get("freezes") and rank is not None:
+            self.ranks[rank].frozen = True
+            resume = ev.get("resume_after")
+            if resume:
+                self.ranks[rank].resumes = True
+                self.at(max(0.0, ev["time"] - self.start) + resume, lambda r=rank: self._resume(r))
 
     def _resume(self, rank: int) -> None:
         proc = self.ranks[rank]
@@ -367,7 +374,7 @@ class GroupRun:
         r = RankResult(rank=p.rank, status="hung")
         r.stdout, r.stderr = read_tail(p.stdout_path), read_tail(p.stderr_path)
         end = p.exit.time if p.exit is not None else time.monotonic()
-        record = _load_result(p.result_path)
+        record = ipc.read_file(p.result_path, ("result",)) if p.result_path else None
         if record is not None and p.ended_by_harness and record["end"] >= p.ended_at:
             record = None  # written while being ended (a frozen rank resumed for its stack dump)
         if record is not None:
@@ -435,16 +442,6 @@ class GroupRun:
             self._reap(procs)
         finally:
             self.launcher.end_run()
-
-
-def _load_result(path: str) -> dict | None:
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return None
 
 
 def _sys_path() -> list:

@@ -34,7 +34,6 @@ Imported in every such process: stdlib and ``pytest_ddpfault.faults`` only until
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -43,15 +42,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_ddpfault import faults as _faults
-from pytest_ddpfault.rank.bootstrap import set_parent_death_signal
+from pytest_ddpfault import ipc
 from pytest_ddpfault.faults import Fault, FaultSpecError
+from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.procfs import start_ticks
-from pytest_ddpfault.results import qualified_name
+from pytest_ddpfault.rank.bootstrap import set_parent_death_signal
 
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
-    "JsonLinesSink", "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
-    "parse_env_plan", "parse_event_lines", "read_events", "stack_path", "validate_env_plan",
+    "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
+    "checked_events", "parse_env_plan", "read_events", "stack_path", "validate_env_plan",
 ]
 
 ENV_PLAN = "DDPFAULT_PLAN"
@@ -102,7 +102,7 @@ def _parse_attempt(value: Any, where: str) -> int | None:
 
 def _parse_one(spec: str) -> ScopedFault:
     try:
-        kind, args = _faults._split_spec(spec.strip())
+        kind, args = _faults.split_spec(spec.strip())
         attempt = _parse_attempt(args.pop("attempt"), f" in {spec.strip()!r}") if "attempt" in args else 0
         return ScopedFault(Fault(kind, **args), attempt)
     except EnvPlanError:
@@ -117,7 +117,7 @@ def parse_env_plan(spec: Any) -> tuple[ScopedFault, ...]:
     if isinstance(spec, ScopedFault):
         return (spec,)
     if isinstance(spec, str):
-        pieces = _faults._split_top(spec, ";", spec, strict=False)
+        pieces = _faults.split_top_level(spec, ";", spec, strict=False)
         return tuple(_parse_one(p) for p in pieces if p.strip())
     if isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
         return tuple(scoped for item in spec for scoped in parse_env_plan(item))
@@ -161,54 +161,23 @@ def current_attempt(environ: Mapping[str, str] | None = None) -> int:
 
 # --- events ------------------------------------------------------------------------------
 
-class JsonLinesSink:
-    """Appends one JSON line per event to a file shared by many processes.
-
-    One ``os.write`` per line on an ``O_APPEND`` descriptor: lines of different processes
-    do not interleave. Every line gets the process's ``attempt`` and ``pid``. A failed write
-    never fails the process (the event is lost, the run goes on).
-    """
-
-    def __init__(self, path: str, attempt: int) -> None:
-        self.path = path
-        self.attempt = attempt
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    def send(self, event: dict) -> None:
-        record = {**event, "attempt": self.attempt, "pid": os.getpid(), "wall": time.time()}
-        record.setdefault("time", time.monotonic())
-        try:
-            os.write(self._fd, (json.dumps(record, default=str) + "\n").encode())
-        except OSError:
-            pass
-
-
 class _NoSink:
-    def send(self, event: dict) -> None:
+    def send(self, type_: str, **payload) -> None:
         pass
+
+
+# What the armed processes of a run write to DDPFAULT_EVENTS.
+EVENT_TYPES = ("process", "armed", "fault", "exception", "exit", "spawned", "child_exit", "child_signal")
+
+
+def checked_events(messages: list[dict], path: str) -> list[dict]:
+    """``messages``, each of a known type (else ``ipc.UnknownMessage``)."""
+    return [ipc.check_type(m, EVENT_TYPES, path) for m in messages]
 
 
 def read_events(path: str) -> list[dict]:
     """The events of a ``DDPFAULT_EVENTS`` file, in file order (a torn last line is skipped)."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    return parse_event_lines(lines)
-
-
-def parse_event_lines(lines: Iterable[bytes]) -> list[dict]:
-    """The records of whole ``DDPFAULT_EVENTS`` lines (one that is not a JSON object is skipped)."""
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    return checked_events(ipc.read_lines(path), path)
 
 
 def stack_path(events_path: str, pid: int) -> str:
@@ -277,7 +246,7 @@ class _Activation:
         self.plan = plan
         self.faults = tuple(item.fault for item in plan if item.applies_to(attempt))
         self.events_path = env.get(ENV_EVENTS) or None
-        self.events = JsonLinesSink(self.events_path, attempt) if self.events_path else _NoSink()
+        self.events = ipc.LineSink(self.events_path, attempt=attempt) if self.events_path else _NoSink()
         self.env = env
         self.env_rank = _env_int(env, "RANK")
         self.rank: int | None = None      # set once the plan is installed
@@ -291,10 +260,9 @@ class _Activation:
             set_parent_death_signal()
         if self.events_path:
             self._register_stack_dump()
-            self.events.send({"type": "process", "ppid": os.getppid(), "rank": self.env_rank,
-                              "local_rank": _env_int(self.env, "LOCAL_RANK"),
-                              "world_size": _env_int(self.env, "WORLD_SIZE"),
-                              "start_ticks": start_ticks(), "time": self.started})
+            self.events.send("process", ppid=os.getppid(), rank=self.env_rank,
+                             local_rank=_env_int(self.env, "LOCAL_RANK"), world_size=_env_int(self.env, "WORLD_SIZE"),
+                             start_ticks=start_ticks(), time=self.started)
             self._watch_exit()
         # Armed means the same in every process, whether or not one of its faults is due in
         # this attempt: its calls are counted (and its rank, its end are recorded).
@@ -331,20 +299,11 @@ class _Activation:
     def record_exception(self, exc: BaseException) -> None:
         """An exception that ends the process's work (excepthook, or one that ``mp.spawn``
         catches and turns into ``sys.exit(1)``)."""
-        import traceback
-
-        exc_type = type(exc)
-        self.events.send({
-            "type": "exception", "rank": self.current_rank(),
-            "exc_type": qualified_name(exc_type), "exc_mro": [qualified_name(c) for c in exc_type.__mro__],
-            "message": str(exc), "traceback": "".join(traceback.format_exception(exc_type, exc, exc.__traceback__)),
-        })
+        self.events.send("exception", rank=self.current_rank(), **exception_fields(exc))
 
     def _send_exit(self) -> None:
-        event = {"type": "exit", "rank": self.current_rank()}
-        if self.firer is not None:
-            event["unfired"] = self.unfired()
-        self.events.send(event)
+        self.events.send("exit", rank=self.current_rank(),
+                         **({"unfired": self.unfired()} if self.firer is not None else {}))
 
     def unfired(self) -> list[dict]:
         """This process's faults that have not fired, and why: the trigger never came."""
@@ -397,8 +356,7 @@ class _Activation:
             raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
                                f"{e}") from None
         self.firer = firer
-        self.events.send({"type": "armed", "rank": rank, "world_size": world_size,
-                          "faults": [str(f) for f in firer.counter.faults]})
+        self.events.send("armed", rank=rank, world_size=world_size, faults=[str(f) for f in firer.counter.faults])
 
     def dump_stacks(self, why: str) -> None:
         """Every thread's stack, now, into this process's stack file (before it freezes:
@@ -455,11 +413,11 @@ class _FreezeAware:
     def __init__(self, state: _Activation) -> None:
         self.state = state
 
-    def send(self, event: dict) -> None:
-        if event.get("type") == "fault" and event.get("freezes"):
-            self.state.dump_stacks(f"frozen by {event.get('spec')} at {event.get('trigger')} "
+    def send(self, type_: str, **payload) -> None:
+        if type_ == "fault" and payload.get("freezes"):
+            self.state.dump_stacks(f"frozen by {payload.get('spec')} at {payload.get('trigger')} "
                                    "(stacks as it froze itself):")
-        self.state.events.send(event)
+        self.state.events.send(type_, **payload)
 
 
 def _watch_children(state: _Activation) -> None:
@@ -485,7 +443,7 @@ def _watch_children(state: _Activation) -> None:
     if original is not None and not getattr(original, "__ddpfault_wrapped__", False):
         @functools.wraps(original)
         def _wrap(fn, i, *rest):
-            state.events.send({"type": "spawned", "index": i, "rank": state.current_rank()})
+            state.events.send("spawned", index=i, rank=state.current_rank())
 
             def recorded(*args, **kwargs):
                 try:
@@ -508,13 +466,13 @@ def _watch_children(state: _Activation) -> None:
         before = self.returncode
         code = poll(self, *args, **kwargs)
         if before is None and self.returncode is not None:
-            state.events.send({"type": "child_exit", "child": self.pid, "code": self.returncode})
+            state.events.send("child_exit", child=self.pid, code=self.returncode)
         return code
 
     @functools.wraps(send_signal)
     def recording_send_signal(self, sig):
         if self.returncode is None:
-            state.events.send({"type": "child_signal", "child": self.pid, "signal": int(sig)})
+            state.events.send("child_signal", child=self.pid, signal=int(sig))
         return send_signal(self, sig)
 
     recording_poll.__ddpfault_wrapped__ = True

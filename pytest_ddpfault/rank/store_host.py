@@ -37,7 +37,7 @@ from pytest_ddpfault.ipc import EventSink
 def store_main(job) -> int:
     opts = pickle.loads(job.payload)
     store = start_store(opts["world_size"], timedelta(seconds=opts["timeout"]))
-    EventSink(opts["events_path"]).send({"type": "store_ready", "port": store.port})
+    EventSink(opts["events_path"]).send("store_ready", port=store.port)
     while True:  # until the harness kills this process
         signal.pause()
 

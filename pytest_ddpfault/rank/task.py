@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import cloudpickle
 
+from pytest_ddpfault import ipc
+from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.ipc import EventSink
-from pytest_ddpfault.frames import format_exception
-from pytest_ddpfault.results import qualified_name
 
 
 @dataclass
@@ -37,14 +37,7 @@ def exception_record(exc: BaseException) -> dict:
         pickle.loads(blob)  # only keep what can be rebuilt
     except Exception:
         blob = None
-    return {
-        "status": "raised",
-        "exc_blob": blob,
-        "exc_type": qualified_name(type(exc)),
-        "exc_mro": [qualified_name(c) for c in type(exc).__mro__],
-        "message": str(exc),
-        "traceback": format_exception(exc),
-    }
+    return {"status": "raised", "exc_blob": blob, **exception_fields(exc)}
 
 
 def value_record(value, rank: int) -> dict:
@@ -57,11 +50,7 @@ def value_record(value, rank: int) -> dict:
 
 
 def write_result(path: str, record: dict) -> None:
-    record["end"] = time.monotonic()
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    ipc.write_file(path, "result", **record, end=time.monotonic())
 
 
 def _call_user(task: RankTask):

@@ -3,7 +3,7 @@
 Importing torch costs ~2 s a process; forking it from a process that already has it
 costs milliseconds. The zygote is started once per pytest process
 (``python -m pytest_ddpfault.rank.zygote SOCKFD PARENTPID MODULE...``), imports the preload
-modules, starts no thread, and then serves ``(name, payload)`` frames on its socket:
+modules, starts no thread, and then serves messages (``ipc`` frames) on its socket:
 
 - ``("spawn", {"id", "job"})`` -> forks; replies ``("spawned", {"id", "pid", "time"})``
 - ``("signal", {"pid", "sig", "group"})`` -> signals a child it has not reaped yet
@@ -41,6 +41,7 @@ class Zygote:
         self.live: set[int] = set()
         self.reader = ipc.FrameReader()
         self.private_fds: list[int] = []  # closed in every child
+        self.handlers = {"spawn": self.spawn, "signal": self.signal}  # and "shutdown"
 
     # -- children -------------------------------------------------------------
     def spawn(self, req: dict) -> None:
@@ -59,7 +60,7 @@ class Zygote:
         except OSError:
             pass
         self.live.add(pid)
-        ipc.send(self.sock, "spawned", {"id": req["id"], "pid": pid, "time": time.monotonic()})
+        ipc.send_frame(self.sock, "spawned", id=req["id"], pid=pid, time=time.monotonic())
 
     def signal(self, req: dict) -> None:
         pid = req["pid"]
@@ -90,7 +91,7 @@ class Zygote:
                 pass
             _, status = os.waitpid(pid, 0)
             self.live.discard(pid)
-            ipc.send(self.sock, "exited", {"pid": pid, "status": status, "time": time.monotonic()})
+            ipc.send_frame(self.sock, "exited", pid=pid, status=status, time=time.monotonic())
 
     def kill_all(self) -> None:
         for pid in list(self.live):
@@ -123,15 +124,13 @@ class Zygote:
                     data = self.sock.recv(1 << 16)
                     if not data:
                         return
-                    for name, payload in self.reader.feed(data):
-                        if name == "spawn":
-                            self.spawn(payload)
-                        elif name == "signal":
-                            self.signal(payload)
-                        elif name == "shutdown":
+                    for msg in self.reader.feed(data):
+                        if msg.get("type") == "shutdown":
                             return
-                        else:
-                            ipc.send(self.sock, "error", {"message": f"unknown message {name!r}"})
+                        try:
+                            ipc.dispatch(msg, self.handlers, "the harness")
+                        except ipc.UnknownMessage as exc:
+                            ipc.send_frame(self.sock, "error", message=str(exc))
                 self.reap()  # a SIGCHLD may land between select and read
         finally:
             self.kill_all()
@@ -153,12 +152,8 @@ def main(argv=None) -> None:
     from pytest_ddpfault.rank.store_host import quiet_c10d_name_lookups
     quiet_c10d_name_lookups()  # no reverse DNS in c10d for every process forked from here
     zygote = Zygote(sock)
-    ipc.send(sock, "ready", {
-        "pid": os.getpid(),
-        "preload_seconds": time.monotonic() - started,
-        "errors": errors,
-        "threads": _thread_count(),
-    })
+    ipc.send_frame(sock, "ready", pid=os.getpid(), preload_seconds=time.monotonic() - started, errors=errors,
+                   threads=_thread_count())
     try:
         zygote.serve()
     except (BrokenPipeError, ConnectionResetError):
