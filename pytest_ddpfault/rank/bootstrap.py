@@ -54,6 +54,15 @@ def die_with_parent(expected_parent: int) -> None:
         os._exit(BOOTSTRAP_FAILED)
 
 
+def register_stack_dump(path: str):
+    """On ``STACK_DUMP_SIGNAL``, faulthandler writes every thread's stack into ``path``.
+    The file stays open for the life of the process (returned: keep it): faulthandler
+    writes to its fd from a C signal handler, which works even while a C call holds the GIL."""
+    stack_file = open(path, "w")
+    faulthandler.register(STACK_DUMP_SIGNAL, file=stack_file, all_threads=True, chain=False)
+    return stack_file
+
+
 def _redirect(fd: int, path: str) -> None:
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(target, fd)
@@ -77,10 +86,7 @@ def run_job(job: ChildJob, expected_parent: int):
             except (AttributeError, ValueError):
                 pass
         if job.stack_path:
-            # Kept open for the life of the process: faulthandler writes to it from a
-            # C signal handler, which works even while a C call holds the GIL.
-            stack_file = open(job.stack_path, "w")
-            faulthandler.register(STACK_DUMP_SIGNAL, file=stack_file, all_threads=True, chain=False)
+            stack_file = register_stack_dump(job.stack_path)  # noqa: F841  (kept open)
         faulthandler.enable(file=sys.stderr, all_threads=True)
         os.environ.clear()
         os.environ.update(job.env)

@@ -46,7 +46,7 @@ from pytest_ddpfault import ipc
 from pytest_ddpfault.faults import Fault, FaultSpecError
 from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.procfs import start_ticks
-from pytest_ddpfault.rank.bootstrap import set_parent_death_signal
+from pytest_ddpfault.rank.bootstrap import register_stack_dump, set_parent_death_signal
 
 __all__ = [
     "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
@@ -270,14 +270,8 @@ class _Activation:
 
     # -- stacks and the end of the process --------------------------------------------
     def _register_stack_dump(self) -> None:
-        import faulthandler
-        import signal
-
         try:
-            # Kept open for the life of the process: faulthandler writes to its fd from a
-            # C signal handler, which works even while a C call holds the GIL.
-            self._stack_file = open(stack_path(self.events_path, os.getpid()), "w")
-            faulthandler.register(signal.SIGUSR1, file=self._stack_file, all_threads=True, chain=False)
+            self._stack_file = register_stack_dump(stack_path(self.events_path, os.getpid()))
         except (OSError, RuntimeError, ValueError):
             self._stack_file = None
 
