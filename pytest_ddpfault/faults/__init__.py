@@ -1,7 +1,7 @@
 """Fault kinds, spec strings and triggers.
 
 - ``spec``: the grammar and values (``Fault``, plans);
-- ``triggers``: when a fault fires (``Trigger``) and the counter that decides it;
+- ``triggers``: when a fault fires (``Trigger``); ``counter``: the counter that decides it;
 - ``params``: the value types and ``Param`` that kinds declare themselves with;
 - ``base``: what a kind is (``FaultKind``) and the capabilities it carries out its
   action through (``InRank``, ``HarnessSide``), and the registry;
@@ -26,7 +26,8 @@ from pytest_ddpfault.faults.params import Fuzz, Param
 from pytest_ddpfault.faults.spec import (
     Fault, faulted_ranks, format_plan, parse_plan, rank_faults, split_spec, split_top_level, validate_plan,
 )
-from pytest_ddpfault.faults.triggers import COLLECTIVE_OPS, KNOWN_OPS, Trigger, TriggerCounter
+from pytest_ddpfault.faults.counter import TriggerCounter
+from pytest_ddpfault.faults.triggers import COLLECTIVE_OPS, KNOWN_OPS, Trigger
 
 FAULT_KIND_NAMES = kind_names()
 

@@ -33,6 +33,10 @@ class KillRank(_Targeting):
     params = (RANK, RANK_AT, Param("signal", SignalName(), "SIGKILL", "signal name or number",
                                    Fuzz.of("SIGKILL", "SIGTERM", "SIGSEGV")))
 
+    def event_fields(self, fault: Fault) -> dict[str, Any]:
+        # sent before the signal: whoever reads the events knows what ended the process
+        return {"kills_with": int(signal.Signals[fault.get("signal")])}
+
     def fire_in_rank(self, fault: Fault) -> None:
         os.kill(os.getpid(), signal.Signals[fault.get("signal")])
 

@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 
 from pytest_ddpfault import ipc
 from pytest_ddpfault.rank import env_plan
@@ -352,7 +351,7 @@ class _LaunchRun:
             local_rank = spawned.get("index")
         w = WorkerResult(rank=rank, status="exited", attempt=attempt, local_rank=local_rank, pid=pid)
         exc, exited = _first(evs, "exception"), _first(evs, "exit")
-        killer = _first(evs, "fault", kind="kill_rank")
+        killer = next((ev for ev in evs if ev.get("type") == "fault" and ev.get("kills_with")), None)
         frozen = self.frozen.get(pid) or _first(evs, "fault", freezes=True)
         gone = self.gone_at.get(pid)
         stack_file = env_plan.stack_path(self.events_path, pid)
@@ -401,7 +400,7 @@ class _LaunchRun:
                 w.note = f"by the plan: {killer.get('spec')}"
             end = gone
         elif killer is not None and exited is None:
-            w.status, w.signal, end = "killed", _spec_signal(killer.get("spec", "")), killer.get("time")
+            w.status, w.signal, end = "killed", killer["kills_with"], killer.get("time")
         elif stopped_by is not None and exited is None:
             w.status, w.signal = "killed", int(getattr(signal, stopped_by, signal.SIGTERM))
             w.note, end = AGENT_STOPPED, gone
@@ -492,9 +491,3 @@ def _read_error_file(path: str) -> tuple[str | None, str, str]:
     exc_type, _, text = message.partition(": ")
     exc_type = exc_type if exc_type.replace(".", "").replace("_", "").isalnum() else None
     return exc_type, (text if exc_type else message), str(info.get("py_callstack", ""))
-
-
-def _spec_signal(spec: str) -> int:
-    m = re.search(r"signal=(\w+)", spec)
-    name = m.group(1) if m else "SIGKILL"
-    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(name)
