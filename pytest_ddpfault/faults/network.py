@@ -2,8 +2,9 @@
 ``block_port`` (the proxy disabled) and one kind per Toxiproxy toxic.
 
 Applied at ``init`` (before the ranks start) or at ``t=S``, removed after ``duration``.
-The run's ``store_proxy`` is the client side (``toxiproxy.client.StoreProxy``): its
-``api`` speaks to the embedded server or a real one alike.
+The run's ``store_proxy`` is the client side (``toxiproxy.client.StoreProxy``): it
+speaks to the embedded server or a real one alike, and no request of it outlives the run's
+deadline.
 """
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ class BlockPort(_Network):
     params = (NET_AT, DURATION)
 
     def apply(self, action: RunAction, proxy) -> None:
-        proxy.api.set_enabled(proxy.name, False)
+        proxy.set_enabled(False)
 
     def remove(self, action: RunAction, proxy) -> None:
-        proxy.api.set_enabled(proxy.name, True)
+        proxy.set_enabled(True)
 
 
 class _Toxic(_Network):
@@ -91,10 +92,10 @@ class _Toxic(_Network):
 
     def apply(self, action: RunAction, proxy) -> None:
         action.toxic_name = proxy.toxic_name(self.name)  # unique per run
-        proxy.api.add_toxic(proxy.name, self.toxic(action.fault, name=action.toxic_name))
+        proxy.add_toxic(self.toxic(action.fault, name=action.toxic_name))
 
     def remove(self, action: RunAction, proxy) -> None:
-        proxy.api.remove_toxic(proxy.name, action.toxic_name)
+        proxy.remove_toxic(action.toxic_name)
 
 
 @register

@@ -189,7 +189,7 @@ class GroupRun:
         from pytest_ddpfault.toxiproxy.client import StoreProxy, resolve_api
 
         api = resolve_api(self.config.toxiproxy)
-        self.store_proxy = StoreProxy(api, self.master_port)
+        self.store_proxy = StoreProxy(api, self.master_port, self.setup)
         self.master_port = self.store_proxy.port
         if self.on_proxy is not None:
             self.on_proxy(api.client_proxy(self.store_proxy.info))
@@ -241,6 +241,8 @@ class GroupRun:
         # The run's clock starts now that its ranks exist (the zygote's start is not in it).
         self.start = time.monotonic()
         self.deadline = Deadline(self.start + self.config.timeout)
+        if self.store_proxy is not None:
+            self.store_proxy.deadline = self.deadline
 
     # -- waiting ----------------------------------------------------------------
     def _pump(self, until: Deadline) -> None:
@@ -417,7 +419,7 @@ class GroupRun:
         """Every step runs even if an earlier one raised; the first error is raised last."""
         steps = [self._kill_leftovers, *(action.cleanup for action in self.actions)]
         if self.store_proxy is not None:
-            steps.append(self.store_proxy.close)
+            steps.append(lambda: self.store_proxy.close(self.cleanup_deadline()))
         if self.inbox is not None:
             steps.append(self.inbox.close)
         if self.dir:

@@ -47,12 +47,14 @@ class ToxiproxyAPI:
         self.host, self.port = parsed.hostname, parsed.port
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body=None):
+    def call(self, method: str, path: str, body=None, deadline: Deadline | None = None):
+        """One request; it waits ``timeout`` at most, and never past ``deadline``."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
+        timeout = self.timeout if deadline is None else max(0.05, min(self.timeout, deadline.remaining()))
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace").strip()
@@ -68,17 +70,17 @@ class ToxiproxyAPI:
     def create_proxy(self, name: str, upstream: str, listen: str = "127.0.0.1:0") -> dict:
         return self.call("POST", "/proxies", {"name": name, "upstream": upstream, "listen": listen})
 
-    def set_enabled(self, name: str, enabled: bool) -> dict:
-        return self.call("POST", f"/proxies/{name}", {"enabled": enabled})
+    def set_enabled(self, name: str, enabled: bool, deadline: Deadline | None = None) -> dict:
+        return self.call("POST", f"/proxies/{name}", {"enabled": enabled}, deadline)
 
-    def delete_proxy(self, name: str) -> None:
-        self.call("DELETE", f"/proxies/{name}")
+    def delete_proxy(self, name: str, deadline: Deadline | None = None) -> None:
+        self.call("DELETE", f"/proxies/{name}", deadline=deadline)
 
-    def add_toxic(self, proxy: str, body: dict) -> dict:
-        return self.call("POST", f"/proxies/{proxy}/toxics", body)
+    def add_toxic(self, proxy: str, body: dict, deadline: Deadline | None = None) -> dict:
+        return self.call("POST", f"/proxies/{proxy}/toxics", body, deadline)
 
-    def remove_toxic(self, proxy: str, name: str) -> None:
-        self.call("DELETE", f"/proxies/{proxy}/toxics/{name}")
+    def remove_toxic(self, proxy: str, name: str, deadline: Deadline | None = None) -> None:
+        self.call("DELETE", f"/proxies/{proxy}/toxics/{name}", deadline=deadline)
 
     def client(self):
         """A toxiproxy-python ``Toxiproxy`` pointed at this server (its state is global)."""
@@ -231,10 +233,14 @@ _names = itertools.count()
 
 
 class StoreProxy:
-    """A proxy in front of the run's store: listen 127.0.0.1:0, upstream the store."""
+    """A proxy in front of the run's store: listen 127.0.0.1:0, upstream the store.
 
-    def __init__(self, api: ToxiproxyAPI, store_port: int) -> None:
+    What the network fault kinds do to it waits no longer than ``deadline`` (the run's,
+    set by the run): a fault's request never holds the run past its end."""
+
+    def __init__(self, api: ToxiproxyAPI, store_port: int, deadline: Deadline | None = None) -> None:
         self.api = api
+        self.deadline = deadline
         self.name = f"ddpfault_store_{os.getpid()}_{next(_names)}"
         self.info = api.create_proxy(self.name, f"127.0.0.1:{store_port}")
         self.port = int(self.info["listen"].rsplit(":", 1)[1])
@@ -243,8 +249,17 @@ class StoreProxy:
     def toxic_name(self, kind: str) -> str:
         return f"ddpfault_{kind}_{next(self._toxics)}"
 
-    def close(self) -> None:
+    def set_enabled(self, enabled: bool) -> None:
+        self.api.set_enabled(self.name, enabled, self.deadline)
+
+    def add_toxic(self, body: dict) -> None:
+        self.api.add_toxic(self.name, body, self.deadline)
+
+    def remove_toxic(self, name: str) -> None:
+        self.api.remove_toxic(self.name, name, self.deadline)
+
+    def close(self, deadline: Deadline | None = None) -> None:
         try:
-            self.api.delete_proxy(self.name)
+            self.api.delete_proxy(self.name, deadline)
         except ToxiproxyError:
             pass  # the server may be gone already; nothing of ours is left on it then
