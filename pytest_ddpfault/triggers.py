@@ -131,7 +131,8 @@ def _make_process_group_class(firer: FaultFirer):
             self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
             # what torch looks up by device (DDP's logger, ops not overridden here)
             self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.inner)
-            self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+            if hasattr(self, "_set_default_backend"):  # torch >= 2.3; 2.2 has no default backend
+                self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
 
         def getBackendName(self):
             return "gloo"
@@ -157,8 +158,33 @@ def _make_process_group_class(firer: FaultFirer):
     return FaultInjectingGloo
 
 
+def _gloo_only(backend, device_id) -> bool:
+    """Whether torch would run every device of the group on gloo: only then is the group
+    given the wrapped gloo. Whatever else torch would choose (NCCL for CUDA when
+    ``init_process_group()`` has no backend on a GPU machine or a CUDA ``device_id``,
+    ``"cpu:gloo,cuda:nccl"``, a custom backend) is left to torch as it is: the wrapper
+    replaces the whole group, so it cannot keep another backend beside itself."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if backend is None and device_id is not None:
+        return False  # torch picks the device's own backend (2.6+)
+    try:
+        with warnings.catch_warnings():  # torch warns again itself, if at all
+            warnings.simplefilter("ignore")
+            chosen = c10d.BackendConfig(dist.Backend(backend or "undefined")).get_device_backend_map()
+    except Exception:  # torch says what is wrong with it
+        return False
+    return bool(chosen) and all(str(b) == dist.Backend.GLOO for b in chosen.values())
+
+
 def _install_backend(firer: FaultFirer) -> None:
-    """Route ``init_process_group("gloo")`` to the wrapping backend; fire ``init`` in it."""
+    """Route ``init_process_group`` to the wrapping backend where torch would use gloo
+    alone; fire ``init`` in it."""
+    import inspect
+
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
@@ -166,19 +192,30 @@ def _install_backend(firer: FaultFirer) -> None:
     dist.Backend.register_backend(_WRAPPED_BACKEND, lambda store, rank, size, timeout:
                                   pg_class(store, rank, size, timeout), devices=["cpu"])
     original = c10d.init_process_group
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def init_process_group(backend=None, *args, **kwargs):
+    def init_process_group(*args, **kwargs):
         firer.on_call("init")
-        if backend not in (None, "gloo", "cpu:gloo", dist.Backend.GLOO):
-            return original(backend, *args, **kwargs)
-        result = original(_WRAPPED_BACKEND, *args, **kwargs)
+        try:
+            call = signature.bind(*args, **kwargs)
+        except TypeError:  # torch says what is wrong with the call
+            return original(*args, **kwargs)
+        backend = call.arguments.get("backend")
+        if not _gloo_only(backend, call.arguments.get("device_id")):
+            return original(*args, **kwargs)
+        # what torch records for the call (and users observe) stays what it would be
+        recorded = dist.Backend(backend or "undefined")
+        call.arguments["backend"] = _WRAPPED_BACKEND
+        result = original(*call.args, **call.kwargs)
         pg = c10d._get_default_group()
         entry = c10d._world.pg_map.get(pg)
-        if entry is not None:  # what users observe stays gloo
-            c10d._world.pg_map[pg] = ("gloo", *entry[1:])
+        if entry is not None:
+            c10d._world.pg_map[pg] = (recorded, *entry[1:])
+        if getattr(c10d, "_backend", None) == _WRAPPED_BACKEND:
+            c10d._backend = recorded
         if pg in c10d._world.pg_backend_config:
-            c10d._world.pg_backend_config[pg] = str(c10d.BackendConfig(dist.Backend("gloo")))
+            c10d._world.pg_backend_config[pg] = str(c10d.BackendConfig(recorded))
         return result
 
     init_process_group.__ddpfault_wrapped__ = True
