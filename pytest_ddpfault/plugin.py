@@ -14,8 +14,8 @@ import pytest
 
 from pytest_ddpfault.frames import ENV_SHOW as ENV_SHOW_INTERNAL_FRAMES
 from pytest_ddpfault.settings import (
-    DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
-    check_preload, check_start_method, marker_settings, parse_preload, parse_timeout,
+    DEFAULT_KEEP_WARM_IDLE, DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
+    check_preload, check_start_method, marker_settings, parse_flag, parse_idle, parse_preload, parse_timeout,
 )
 
 HELP_TIMEOUT = ("deadline in seconds for one ddp.run when the marker sets none "
@@ -29,6 +29,11 @@ HELP_TOXIPROXY_URL = ("use the Toxiproxy server at this URL (else toxiproxy-serv
                       "embedded one; env TOXIPROXY_URL)")
 HELP_INTERNAL_FRAMES = (f"keep pytest-ddpfault's own frames in rank tracebacks and stacks "
                         f"(env {ENV_SHOW_INTERNAL_FRAMES}=1)")
+HELP_KEEP_WARM = ("keep the rank zygote warm after this session: later runs and every xdist worker of this "
+                  "user, interpreter, torch version and preload set fork from it (env DDPFAULT_KEEP_WARM=1)")
+HELP_KEEP_WARM_IDLE = (f"seconds a kept-warm zygote waits for a client before it leaves "
+                       f"(default {DEFAULT_KEEP_WARM_IDLE:g}; env DDPFAULT_KEEP_WARM_IDLE)")
+HELP_KEEP_WARM_STOP = "stop this user's kept-warm zygotes first (their running ranks too)"
 MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of world_size "
                "ranks with the given fault plan (spec string, Fault or list) and deadline.")
 
@@ -40,6 +45,8 @@ _results_key = pytest.StashKey[list]()
 _marker_error_key = pytest.StashKey[str]()
 _marker_key = pytest.StashKey["MarkerSettings"]()
 _slots_key = pytest.StashKey[object]()
+_stopped_key = pytest.StashKey[list]()  # pids --ddp-keep-warm-stop stopped
+_keep_warm_key = pytest.StashKey[object]()  # the launcher's keep-warm setting before this session's
 _SLOTS_INPUT = "ddpfault_slots_dir"
 _REPORTED_RUNS = 3
 
@@ -52,6 +59,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ddp-preload", dest="ddp_preload", default=None, help=HELP_PRELOAD)
     group.addoption("--ddp-max-procs", dest="ddp_max_procs", default=None, type=int, help=HELP_MAX_PROCS)
     group.addoption("--toxiproxy-url", dest="toxiproxy_url", default=None, help=HELP_TOXIPROXY_URL)
+    group.addoption("--ddp-keep-warm", dest="ddp_keep_warm", action="store_const", const=True, default=None,
+                    help=HELP_KEEP_WARM)
+    group.addoption("--ddp-keep-warm-idle", dest="ddp_keep_warm_idle", default=None, help=HELP_KEEP_WARM_IDLE)
+    group.addoption("--ddp-keep-warm-stop", dest="ddp_keep_warm_stop", action="store_true", default=False,
+                    help=HELP_KEEP_WARM_STOP)
     group.addoption("--ddp-show-internal-frames", dest="ddp_show_internal_frames", action="store_true",
                     default=False, help=HELP_INTERNAL_FRAMES)
     parser.addini("ddp_timeout", HELP_TIMEOUT, default=None)
@@ -59,6 +71,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ddp_preload", HELP_PRELOAD, default=None)
     parser.addini("ddp_max_procs", HELP_MAX_PROCS, default=None)
     parser.addini("toxiproxy_url", HELP_TOXIPROXY_URL, default=None)
+    parser.addini("ddp_keep_warm", HELP_KEEP_WARM, default=None)
+    parser.addini("ddp_keep_warm_idle", HELP_KEEP_WARM_IDLE, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,6 +85,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-ddpfault: {exc}") from None
     config.stash[_slots_key] = None
     workerinput = getattr(config, "workerinput", None)
+    if config.getoption("ddp_keep_warm_stop") and workerinput is None:
+        from pytest_ddpfault.parent import warm
+
+        config.stash[_stopped_key] = warm.stop_all()
+    if settings.keep_warm and settings.start_method == "forkserver":
+        from pytest_ddpfault.parent import launcher
+
+        config.stash[_keep_warm_key] = launcher.configure_keep_warm(settings.keep_warm_idle)
     if workerinput is not None and workerinput.get(_SLOTS_INPUT):
         # an xdist worker: share the controller's slots with every other worker
         from pytest_ddpfault.parent.slots import ProcessSlots, default_max_procs
@@ -115,6 +137,8 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
     preload, presrc = pick("ddp_preload", "DDPFAULT_PRELOAD")
     max_procs, psrc = pick("ddp_max_procs", "DDPFAULT_MAX_PROCS")
     url, _ = pick("toxiproxy_url", "TOXIPROXY_URL")
+    keep_warm, ksrc = pick("ddp_keep_warm", "DDPFAULT_KEEP_WARM")
+    idle, isrc = pick("ddp_keep_warm_idle", "DDPFAULT_KEEP_WARM_IDLE")
     if max_procs is not None:
         try:
             max_procs = int(max_procs)
@@ -128,6 +152,8 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
         preload=check_preload(parse_preload(preload), presrc),
         max_procs=max_procs,
         toxiproxy_url=url or None,
+        keep_warm=parse_flag(keep_warm, ksrc) if keep_warm is not None else False,
+        keep_warm_idle=parse_idle(idle, isrc) if idle is not None else DEFAULT_KEEP_WARM_IDLE,
     )
 
 
@@ -213,10 +239,27 @@ def toxiproxy(ddpfault_toxiproxy_server):
     return ddpfault_toxiproxy_server.api.client()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _keep_warm_key in config.stash:  # in-process pytester runs: leave the process as it was
+        from pytest_ddpfault.parent import launcher
+
+        launcher.configure_keep_warm(config.stash[_keep_warm_key])
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     s = config.stash[_settings_key]
-    how = ("ranks fork from a warm zygote started once per pytest process (its start-up counts "
-           "in the first ddp test's duration)") if s.start_method == "forkserver" else "ranks start with spawn"
+    if s.start_method == "spawn":
+        how = "ranks start with spawn"
+    elif s.keep_warm:
+        how = (f"ranks fork from a kept-warm zygote shared across runs (it leaves after {s.keep_warm_idle:g} s "
+               f"without a client; --ddp-keep-warm-stop stops it)")
+    else:
+        how = ("ranks fork from a warm zygote started once per pytest process (its start-up counts "
+               "in the first ddp test's duration)")
+    stopped = config.stash.get(_stopped_key, None)
+    if stopped is not None:
+        how = (f"stopped kept-warm zygote(s) {', '.join(map(str, stopped))}; " if stopped
+               else "no kept-warm zygote to stop; ") + how
     return f"ddpfault: {how}; timeout {s.timeout:g} s"
 
 

@@ -13,6 +13,8 @@ from pytest_ddpfault.errors import SettingsError
 
 START_METHODS = ("forkserver", "spawn")
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_KEEP_WARM_IDLE = 600.0
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 DEFAULT_WORLD_SIZE = 2
 MARKER_SIGNATURE = "ddp(world_size, fault=None, timeout=60.0, backend='gloo', proxy=False)"
 MARKER_KEYS = ("world_size", "fault", "timeout", "backend", "proxy")
@@ -34,6 +36,26 @@ def parse_timeout(text, source: str) -> float:
 def check_world_size(value, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SettingsError(f"world_size {value!r} from {source}: must be an int >= 1")
+    return value
+
+
+def parse_flag(value, source: str) -> bool:
+    """A switch from ini or env: 1/true/yes/on or 0/false/no/off (a bool as it is)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise SettingsError(f"{value!r} from {source}: expected one of 1, true, yes, on, 0, false, no, off")
+
+
+def parse_idle(text, source: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"keep-warm idle time {text!r} from {source}: must be a positive number of seconds")
     return value
 
 
@@ -68,6 +90,8 @@ class SessionSettings:
     preload: tuple = ()
     max_procs: int | None = None
     toxiproxy_url: str | None = None
+    keep_warm: bool = False                        # the zygote outlives the session (--ddp-keep-warm)
+    keep_warm_idle: float = DEFAULT_KEEP_WARM_IDLE  # seconds it waits for a client before it leaves
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from pytest_ddpfault import ipc
 from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.parent import warm
 from pytest_ddpfault.rank.bootstrap import ChildJob
 
 # What DDP needs, imported once in the zygote: constructing DistributedDataParallel
@@ -103,23 +104,17 @@ _FROM_ZYGOTE = ("ready", "spawned", "exited", "error")
 
 
 class ZygoteLauncher:
-    """Client of one zygote process (see ``zygote.py``)."""
+    """Client of one zygote process (see ``zygote.py``), started for this process."""
 
     method = "forkserver"
+    kept_warm = False
 
     def __init__(self, preload: tuple[str, ...]) -> None:
-        self.preload = tuple(dict.fromkeys(DEFAULT_PRELOAD + tuple(preload)))
-        self._ids = itertools.count()
-        self._reader = ipc.FrameReader()
-        self._exits: list[ChildExit] = []
-        self._ready: dict | None = None
-        self._warned = False
-        self.started_at = time.monotonic()
-        self.start_seconds: float | None = None   # from start to ready
-        self.waited_seconds = 0.0                 # how long a run blocked waiting for it
+        self._init_client(preload)
         sweep_stale_files()
         self._log = tempfile.NamedTemporaryFile(prefix=f"{ZYGOTE_LOG_PREFIX}{os.getpid()}-", suffix=".log",
                                                 delete=False)
+        self._log_path = self._log.name
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
@@ -133,6 +128,21 @@ class ZygoteLauncher:
             child_sock.close()
         self.sock = parent_sock
 
+    def _init_client(self, preload: tuple[str, ...]) -> None:
+        self.preload = tuple(dict.fromkeys(DEFAULT_PRELOAD + tuple(preload)))
+        self._ids = itertools.count()
+        self._reader = ipc.FrameReader()
+        self._exits: list[ChildExit] = []
+        self._ready: dict | None = None
+        self._warned = False
+        self.started_at = time.monotonic()
+        self.start_seconds: float | None = None   # from start to ready
+        self.waited_seconds = 0.0                 # how long a run blocked waiting for it
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     # -- wire ------------------------------------------------------------------
     def _read_frames(self, deadline: Deadline) -> list[dict]:
         ready, _, _ = select.select([self.sock], [], [], deadline.remaining())
@@ -140,7 +150,8 @@ class ZygoteLauncher:
             return []
         data = self.sock.recv(1 << 16)
         if not data:
-            raise LauncherError(f"the zygote (pid {self.proc.pid}) died{self._log_tail()}")
+            self._gone()
+            raise LauncherError(f"the zygote (pid {self.pid}) died{self._log_tail()}")
         frames = [ipc.check_type(m, _FROM_ZYGOTE, "the zygote") for m in self._reader.feed(data)]
         for msg in frames:
             if msg["type"] == "exited":
@@ -149,9 +160,12 @@ class ZygoteLauncher:
                 raise LauncherError(f"zygote: {msg['message']}")
         return [m for m in frames if m["type"] not in ("exited", "error")]
 
+    def _gone(self) -> None:
+        """The zygote closed the connection."""
+
     def _log_tail(self) -> str:
         try:
-            with open(self._log.name, errors="replace") as f:
+            with open(self._log_path, errors="replace") as f:
                 text = f.read()[-4000:]
         except OSError:
             return ""
@@ -239,6 +253,100 @@ class ZygoteLauncher:
             pass
 
 
+class _Remote:
+    """A kept-warm zygote, as ``ZygoteLauncher.proc``: not this process's child."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+
+
+class WarmZygoteLauncher(ZygoteLauncher):
+    """Client of a kept-warm zygote (``--ddp-keep-warm``, see ``warm.py``): it connects to
+    the one serving this key, or starts it. Closing the connection (this process ends,
+    or dies) makes the zygote kill this client's processes; the zygote stays."""
+
+    kept_warm = True
+    HANDSHAKE_TIMEOUT = 10.0   # a serving zygote answers a hello in milliseconds
+    REPLACED_AT_MOST = 3       # stale zygotes replaced in a row before giving up
+
+    def __init__(self, preload: tuple[str, ...], idle: float) -> None:
+        self._init_client(preload)
+        self.idle = idle
+        self.dir = warm.private_dir()
+        self.key = warm.zygote_key(self.preload)
+        self._log_path = warm.paths(self.dir, self.key)["log"]
+        self.proc = _Remote(None)
+        self.sock = None
+        self._dead = False
+        self.started_here = False
+        self.replaced: list[str] = []   # why stale zygotes were not used
+        self.clients_served = 0
+        # Start it now if nobody owns the key, so that its imports overlap collection.
+        if warm.owner_pid(self.dir, self.key) is None:
+            self.started_here = warm.start(self.dir, self.key, idle, self.preload, child_python_env(),
+                                           Deadline.after(ZYGOTE_START_TIMEOUT))
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
+
+    def _gone(self) -> None:
+        self._dead = True
+
+    def _reply(self, deadline: Deadline) -> dict | None:
+        """The zygote's answer to hello; None if it closed the connection (retiring)."""
+        reader = ipc.FrameReader()
+        while not deadline.expired():
+            ready, _, _ = select.select([self.sock], [], [], deadline.remaining())
+            if not ready:
+                break
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            for msg in reader.feed(data):
+                return ipc.check_type(msg, ("ready", "stale"), f"the kept-warm zygote ({self.dir})")
+        raise warm.WarmUnavailable(f"the kept-warm zygote behind {warm.paths(self.dir, self.key)['sock']} did not "
+                                   f"answer within {self.HANDSHAKE_TIMEOUT:g} s")
+
+    def _connect(self, deadline: Deadline) -> None:
+        waiting_since = time.monotonic()
+        for _ in range(self.REPLACED_AT_MOST):
+            self.sock, started = warm.connect_or_start(self.dir, self.key, self.idle, self.preload,
+                                                       child_python_env(), deadline)
+            self.started_here |= started
+            ipc.send_frame(self.sock, "hello", key=self.key, pid=os.getpid())
+            msg = self._reply(deadline.within(self.HANDSHAKE_TIMEOUT))
+            if msg is not None and msg["type"] == "ready":
+                peer, _ = warm.peer_uid(self.sock)
+                if peer != msg["pid"]:
+                    raise warm.WarmUnavailable(f"the kept-warm zygote says it is pid {msg['pid']}, "
+                                               f"its socket says pid {peer}")
+                now = time.monotonic()
+                self._ready, self.proc = msg, _Remote(msg["pid"])
+                self.clients_served = msg.get("clients_served", 0)
+                self.start_seconds, self.waited_seconds = now - self.started_at, now - waiting_since
+                return
+            self.replaced.append(msg["reason"] if msg is not None else "it closed the connection")
+            self.sock.close()
+            self.sock = None
+        raise warm.WarmUnavailable(f"kept-warm zygotes were stale {self.REPLACED_AT_MOST} times in a row: "
+                                   f"{'; '.join(self.replaced)}")
+
+    def wait_ready(self, deadline: Deadline) -> dict:
+        if self._ready is None:
+            self._connect(deadline)
+        return super().wait_ready(deadline)
+
+    def end_run(self) -> None:
+        """Nothing to do: the zygote serves the next run."""
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The zygote kills what this client left and stays warm for the next."""
+        if self.sock is not None:
+            self.sock.close()
+        self._dead = True
+
+
 class SpawnLauncher:
     """Each child is a fresh interpreter (``--ddp-start-method spawn``): slow, but no zygote."""
 
@@ -303,17 +411,54 @@ class SpawnLauncher:
 
 _lock = threading.Lock()
 _zygotes: dict[tuple[str, ...], ZygoteLauncher] = {}
+_warm_zygotes: dict[tuple[str, ...], WarmZygoteLauncher] = {}
+_keep_warm: float | None = None     # idle seconds of a kept-warm zygote; None: one per process
+_fallbacks: list[str] = []
+_fell_back: set[tuple[str, ...]] = set()  # preload sets whose kept-warm zygote could not be used
+
+
+def configure_keep_warm(idle: float | None) -> float | None:
+    """``--ddp-keep-warm``: zygotes outlive this process (``idle``: seconds they wait for a
+    client); None: one zygote per process. Returns the previous setting."""
+    global _keep_warm
+    previous, _keep_warm = _keep_warm, idle
+    return previous
+
+
+def _fall_back(preload: tuple[str, ...], exc: Exception) -> ZygoteLauncher:
+    """A kept-warm zygote cannot be used: say why, and start one for this process."""
+    _fallbacks.append(str(exc))
+    _fell_back.add(preload)
+    warnings.warn(f"pytest-ddpfault: --ddp-keep-warm: {exc}; starting a zygote for this process instead",
+                  RuntimeWarning, stacklevel=3)
+    _warm_zygotes.pop(preload, None)
+    z = _zygotes.get(preload)
+    if z is None or not z.alive:
+        z = _zygotes[preload] = ZygoteLauncher(preload)
+    return z
+
+
+def _current(preload: tuple[str, ...]) -> ZygoteLauncher:
+    """The live launcher for ``preload``, created (not waited for) if there is none."""
+    warm_wanted = _keep_warm is not None and preload not in _fell_back  # one try per process
+    z = (_warm_zygotes if warm_wanted else _zygotes).get(preload)
+    if z is not None and not z.alive:
+        z.close()
+        z = None
+    if z is None and warm_wanted:
+        try:
+            z = _warm_zygotes[preload] = WarmZygoteLauncher(preload, _keep_warm)
+        except (warm.WarmUnavailable, OSError) as exc:
+            z = _fall_back(preload, exc)
+    elif z is None:
+        z = _zygotes[preload] = ZygoteLauncher(preload)
+    return z
 
 
 def prestart(preload: tuple[str, ...] = ()) -> None:
     """Start the zygote now (without waiting), so its start-up overlaps other work."""
     with _lock:
-        z = _zygotes.get(preload)
-        if z is not None and not z.alive:
-            z.close()
-            z = None
-        if z is None:
-            _zygotes[preload] = ZygoteLauncher(preload)
+        _current(preload)
 
 
 def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = (), deadline: Deadline | None = None):
@@ -323,15 +468,38 @@ def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = (), dead
         return SpawnLauncher(preload)
     if method != "forkserver":
         raise LauncherError(f"start method {method!r} is not one of: forkserver, spawn")
-    prestart(preload)
-    z = _zygotes[preload]
-    z.wait_ready(deadline or Deadline.after(ZYGOTE_START_TIMEOUT))
+    deadline = deadline or Deadline.after(ZYGOTE_START_TIMEOUT)
+    with _lock:
+        z = _current(preload)
+        if z.kept_warm:
+            # a part of the budget: what is left is the fallback's, which imports torch itself
+            try:
+                z.wait_ready(Deadline(time.monotonic() + 0.6 * deadline.remaining()))
+                return z
+            except (warm.WarmUnavailable, OSError) as exc:
+                z.close()
+                z = _fall_back(preload, exc)
+    z.wait_ready(deadline)
     return z
 
 
 def start_report() -> str:
     """One line on the zygotes' start-up, for the end of a pytest session ("" if none started)."""
     parts = []
+    for z in list(_warm_zygotes.values()):
+        if z.start_seconds is None:
+            continue
+        if z.started_here:
+            parts.append(f"started a kept-warm zygote (pid {z.pid}) in {z.start_seconds:.1f} s; later runs "
+                         f"reuse it until it has had no client for {z.idle:g} s")
+        else:
+            age = time.time() - z._ready.get("started", time.time())
+            parts.append(f"ranks forked from the kept-warm zygote (pid {z.pid}, up {age:.0f} s, "
+                         f"client {z.clients_served}), reached in {z.start_seconds:.2f} s")
+        if z.replaced:
+            parts[-1] += f" (replaced a stale one: {'; '.join(z.replaced)})"
+    for reason in _fallbacks:
+        parts.append(f"--ddp-keep-warm fell back to a zygote of this process: {reason}")
     for z in list(_zygotes.values()):
         if z.start_seconds is None:
             continue
@@ -344,9 +512,10 @@ def start_report() -> str:
 
 def shutdown_all() -> None:
     with _lock:
-        for z in _zygotes.values():
+        for z in [*_zygotes.values(), *_warm_zygotes.values()]:
             z.close()
         _zygotes.clear()
+        _warm_zygotes.clear()
 
 
 atexit.register(shutdown_all)
