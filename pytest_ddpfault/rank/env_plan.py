@@ -335,7 +335,7 @@ class _Activation:
             self._install_on_init()
 
     def install(self, rank: int, world_size: int) -> None:
-        from pytest_ddpfault.triggers import install_plan
+        from pytest_ddpfault.rank.hooks import install_plan
 
         if self.installed:
             return
@@ -370,34 +370,24 @@ class _Activation:
         """No rank yet: install inside the first ``init_process_group`` call."""
         import inspect
 
-        import torch.distributed as dist
         from torch.distributed import distributed_c10d as c10d
 
-        original = c10d.init_process_group
-        signature = inspect.signature(original)
-        state = self
+        from pytest_ddpfault.rank.hooks import on_first_init
 
-        def init_process_group(*args, **kwargs):
-            if not state.installed:
-                for module in (dist, c10d):
-                    if getattr(module, "init_process_group", None) is init_process_group:
-                        module.init_process_group = original
-                rank, world_size = _rank_from_call(signature, args, kwargs)
-                # The ddp.run harness takes DDPFAULT_PLAN out of its ranks' environment and
-                # gives them their plan itself: a rank forked from an armed zygote is not ours.
-                if rank is not None and world_size is not None and ENV_PLAN in os.environ:
-                    state.install(rank, world_size)
-                    return c10d.init_process_group(*args, **kwargs)
-                if rank is None or world_size is None:
-                    sys.stderr.write(f"pytest-ddpfault: {ENV_PLAN} is set but this process's rank is "
-                                     "unknown (no rank/world_size argument, no RANK/WORLD_SIZE in the "
-                                     "environment): its faults are not installed\n")
-            return original(*args, **kwargs)
+        signature = inspect.signature(c10d.init_process_group)
 
-        init_process_group.__wrapped__ = original
-        init_process_group.__ddpfault_wrapped__ = True
-        c10d.init_process_group = init_process_group
-        dist.init_process_group = init_process_group
+        def install_from_call(args: tuple, kwargs: dict) -> None:
+            rank, world_size = _rank_from_call(signature, args, kwargs)
+            # The ddp.run harness takes DDPFAULT_PLAN out of its ranks' environment and
+            # gives them their plan itself: a rank forked from an armed zygote is not ours.
+            if rank is not None and world_size is not None and ENV_PLAN in os.environ:
+                self.install(rank, world_size)
+            elif rank is None or world_size is None:
+                sys.stderr.write(f"pytest-ddpfault: {ENV_PLAN} is set but this process's rank is "
+                                 "unknown (no rank/world_size argument, no RANK/WORLD_SIZE in the "
+                                 "environment): its faults are not installed\n")
+
+        on_first_init(install_from_call)
 
 
 class _FreezeAware:
@@ -416,61 +406,14 @@ class _FreezeAware:
 
 def _watch_children(state: _Activation) -> None:
     """Record how this process's ``multiprocessing`` children end, and what a
-    ``torch.multiprocessing.spawn`` worker raised.
+    ``torch.multiprocessing.spawn`` worker raised (see ``hooks.watch_children``)."""
+    from pytest_ddpfault.rank.hooks import watch_children
 
-    ``mp.spawn`` runs each worker in ``_wrap``, which catches the worker's exception,
-    hands its text to the parent and calls ``sys.exit(1)``: the interpreter never sees the
-    exception. Its ``_wrap`` is replaced (by name: the parent pickles it by name and the
-    child looks it up after torch has been imported, i.e. after this ran) with one that
-    records the exception first. The parent's ``Popen`` records each child's exit code
-    (or signal) when it reaps it, and each signal it sends (``terminate()``, ``kill()``).
-    """
-    import functools
-    import importlib
-    from multiprocessing import popen_fork
-
-    try:  # the module: torch.multiprocessing.spawn, the attribute, is the function
-        tspawn = importlib.import_module("torch.multiprocessing.spawn")
-    except ImportError:
-        tspawn = None
-    original = getattr(tspawn, "_wrap", None)
-    if original is not None and not getattr(original, "__ddpfault_wrapped__", False):
-        @functools.wraps(original)
-        def _wrap(fn, i, *rest):
-            state.events.send("spawned", index=i, rank=state.current_rank())
-
-            def recorded(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    state.record_exception(exc)
-                    raise
-            return original(recorded, i, *rest)
-
-        _wrap.__ddpfault_wrapped__ = True
-        tspawn._wrap = _wrap
-
-    popen = popen_fork.Popen
-    if getattr(popen.poll, "__ddpfault_wrapped__", False):
-        return
-    poll, send_signal = popen.poll, popen._send_signal
-
-    @functools.wraps(poll)
-    def recording_poll(self, *args, **kwargs):
-        before = self.returncode
-        code = poll(self, *args, **kwargs)
-        if before is None and self.returncode is not None:
-            state.events.send("child_exit", child=self.pid, code=self.returncode)
-        return code
-
-    @functools.wraps(send_signal)
-    def recording_send_signal(self, sig):
-        if self.returncode is None:
-            state.events.send("child_signal", child=self.pid, signal=int(sig))
-        return send_signal(self, sig)
-
-    recording_poll.__ddpfault_wrapped__ = True
-    popen.poll, popen._send_signal = recording_poll, recording_send_signal
+    watch_children(
+        on_spawned=lambda i: state.events.send("spawned", index=i, rank=state.current_rank()),
+        on_exception=state.record_exception,
+        on_child_exit=lambda pid, code: state.events.send("child_exit", child=pid, code=code),
+        on_child_signal=lambda pid, sig: state.events.send("child_signal", child=pid, signal=sig))
 
 
 def _rank_from_call(signature, args: tuple, kwargs: dict) -> tuple[int | None, int | None]:

@@ -17,6 +17,7 @@ import cloudpickle
 from pytest_ddpfault import ipc
 from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.ipc import EventSink
+from pytest_ddpfault.rank.hooks import install_plan, release_the_gil_around_destroy
 
 
 @dataclass
@@ -67,37 +68,6 @@ def _call_user(task: RankTask):
             dist.destroy_process_group()
 
 
-def _let_gloo_threads_drop_their_work() -> None:
-    """Work around a gloo teardown race in torch (seen with 2.13).
-
-    A finished gloo work can be released last by gloo's run-loop thread, whose
-    destructor then needs the GIL (the work captured Python objects in its thread-local
-    state). If the main thread destroys the process group at that moment, it joins
-    the run-loop thread while holding the GIL, and the rank deadlocks. That happens
-    when a DDP model is freed right after ``destroy_process_group()``. Releasing the
-    GIL around it lets the run-loop threads finish first.
-    """
-    import torch.distributed as dist
-
-    original = dist.destroy_process_group
-    if getattr(original, "__ddpfault_wrapped__", False):
-        return
-
-    def destroy_process_group(*args, **kwargs):
-        time.sleep(0.002)  # not a synchronisation: a GIL release the run-loop can use
-        try:
-            return original(*args, **kwargs)
-        finally:
-            time.sleep(0.002)
-
-    destroy_process_group.__ddpfault_wrapped__ = True
-    destroy_process_group.__wrapped__ = original
-    dist.destroy_process_group = destroy_process_group
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.destroy_process_group = destroy_process_group
-
-
 def rank_main(job) -> int:
     """``ChildJob`` target of every rank; returns the process exit code."""
     job_started = time.monotonic()
@@ -106,10 +76,8 @@ def rank_main(job) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     events = EventSink(task.events_path)
-    _let_gloo_threads_drop_their_work()
+    release_the_gil_around_destroy()
     if task.faults:
-        from pytest_ddpfault.triggers import install_plan
-
         install_plan(task.faults, task.rank, task.world_size, events, started=job_started)
     try:
         value = _call_user(task)

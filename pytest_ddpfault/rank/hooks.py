@@ -1,6 +1,9 @@
-"""Triggers inside a rank: count torch.distributed calls and fire the plan's faults.
+"""The one place that wraps torch's functions inside a process (``wrap``): the plan's
+triggers, the gloo teardown-race workaround, and what the ``DDPFAULT_PLAN`` hook watches
+(the first ``init_process_group``, ``mp.spawn`` workers, ``multiprocessing`` children).
 
-Two layers see the calls, so user code needs no change:
+Triggers count torch.distributed calls and fire the plan's faults. Two layers see the
+calls, so user code needs no change:
 
 - the Python functions of ``torch.distributed`` (``all_reduce``, ``isend``, ...) are
   wrapped; a call made from inside another wrapped call (``all_gather_object`` calling
@@ -12,8 +15,8 @@ Two layers see the calls, so user code needs no change:
 
 ``init`` fires inside ``init_process_group``; ``step#N`` through ``pytest_ddpfault.step()``;
 ``t=S`` from a timer thread, S seconds after the rank started. A fault fires at most
-once, before the call it is due on runs. Used by ``rank.py`` and by the ``DDPFAULT_PLAN``
-import hook; it imports nothing from the pytest side.
+once, before the call it is due on runs. Used by ``rank/task.py`` and by the
+``DDPFAULT_PLAN`` import hook; it imports nothing from the parent side.
 """
 from __future__ import annotations
 
@@ -45,6 +48,28 @@ _PG_OPS = {
     "reduce_scatter_single_coalesced": "reduce_scatter_tensor", "all_to_all_single": "all_to_all_single",
 }
 _local = threading.local()
+
+
+def wrap(owners, name: str, make):
+    """Replace ``name`` with ``make(original)`` in every owner (module or class) that holds
+    the same object — torch compares some by identity (``P2POp(dist.isend, ...)``) — once:
+    a function this package wrapped already is left alone. Returns the wrapper, or None."""
+    original = getattr(owners[-1], name, None)
+    if original is None or getattr(original, "__ddpfault_wrapped__", False):
+        return None
+    wrapper = functools.wraps(original)(make(original))
+    wrapper.__ddpfault_wrapped__ = True
+    for owner in owners:
+        if getattr(owner, name, None) is original:
+            setattr(owner, name, wrapper)
+    return wrapper
+
+
+def unwrap(owners, name: str, wrapper) -> None:
+    """Put back what ``wrapper`` replaced, where it is still in place."""
+    for owner in owners:
+        if getattr(owner, name, None) is wrapper:
+            setattr(owner, name, wrapper.__wrapped__)
 
 
 class FaultFirer:
@@ -94,28 +119,21 @@ def _raise_in_main(thread_id: int, exc: BaseException) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(timed))
 
 
-def _wrap_function(modules, name: str, firer: FaultFirer) -> None:
-    """Wrap ``name`` once and put the same wrapper in every module that has it: torch
-    compares some of them by identity (``P2POp(dist.isend, ...)``)."""
-    original = getattr(modules[-1], name, None)
-    if original is None or getattr(original, "__ddpfault_wrapped__", False):
-        return
+def _count_calls(modules, name: str, firer: FaultFirer) -> None:
+    """Count the calls of ``name``; one made inside another counted call is not counted again."""
+    def make(original):
+        def wrapper(*args, **kwargs):
+            if getattr(_local, "depth", 0):
+                return original(*args, **kwargs)
+            _local.depth = 1
+            try:
+                firer.on_call(name)
+                return original(*args, **kwargs)
+            finally:
+                _local.depth = 0
+        return wrapper
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        if getattr(_local, "depth", 0):
-            return original(*args, **kwargs)
-        _local.depth = 1
-        try:
-            firer.on_call(name)
-            return original(*args, **kwargs)
-        finally:
-            _local.depth = 0
-
-    wrapper.__ddpfault_wrapped__ = True
-    for module in modules:
-        if getattr(module, name, None) is original:
-            setattr(module, name, wrapper)
+    wrap(modules, name, make)
 
 
 def _make_process_group_class(firer: FaultFirer):
@@ -191,36 +209,42 @@ def _install_backend(firer: FaultFirer) -> None:
     pg_class = _make_process_group_class(firer)
     dist.Backend.register_backend(_WRAPPED_BACKEND, lambda store, rank, size, timeout:
                                   pg_class(store, rank, size, timeout), devices=["cpu"])
-    original = c10d.init_process_group
-    signature = inspect.signature(original)
+    signature = inspect.signature(c10d.init_process_group)
 
-    @functools.wraps(original)
-    def init_process_group(*args, **kwargs):
-        firer.on_call("init")
-        try:
-            call = signature.bind(*args, **kwargs)
-        except TypeError:  # torch says what is wrong with the call
-            return original(*args, **kwargs)
-        backend = call.arguments.get("backend")
-        if not _gloo_only(backend, call.arguments.get("device_id")):
-            return original(*args, **kwargs)
-        # what torch records for the call (and users observe) stays what it would be
-        recorded = dist.Backend(backend or "undefined")
-        call.arguments["backend"] = _WRAPPED_BACKEND
-        result = original(*call.args, **call.kwargs)
-        pg = c10d._get_default_group()
-        entry = c10d._world.pg_map.get(pg)
-        if entry is not None:
-            c10d._world.pg_map[pg] = (recorded, *entry[1:])
-        if getattr(c10d, "_backend", None) == _WRAPPED_BACKEND:
-            c10d._backend = recorded
-        if pg in c10d._world.pg_backend_config:
-            c10d._world.pg_backend_config[pg] = str(c10d.BackendConfig(recorded))
-        return result
+    def make(original):
+        def init_process_group(*args, **kwargs):
+            return _init_on_wrapped_gloo(original, signature, firer, args, kwargs)
+        return init_process_group
 
-    init_process_group.__ddpfault_wrapped__ = True
-    c10d.init_process_group = init_process_group
-    dist.init_process_group = init_process_group
+    wrap((dist, c10d), "init_process_group", make)
+
+
+def _init_on_wrapped_gloo(original, signature, firer: FaultFirer, args: tuple, kwargs: dict):
+    """``init`` fires here; the group gets the wrapped gloo where torch would use gloo alone."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    firer.on_call("init")
+    try:
+        call = signature.bind(*args, **kwargs)
+    except TypeError:  # torch says what is wrong with the call
+        return original(*args, **kwargs)
+    backend = call.arguments.get("backend")
+    if not _gloo_only(backend, call.arguments.get("device_id")):
+        return original(*args, **kwargs)
+    # what torch records for the call (and users observe) stays what it would be
+    recorded = dist.Backend(backend or "undefined")
+    call.arguments["backend"] = _WRAPPED_BACKEND
+    result = original(*call.args, **call.kwargs)
+    pg = c10d._get_default_group()
+    entry = c10d._world.pg_map.get(pg)
+    if entry is not None:
+        c10d._world.pg_map[pg] = (recorded, *entry[1:])
+    if getattr(c10d, "_backend", None) == _WRAPPED_BACKEND:
+        c10d._backend = recorded
+    if pg in c10d._world.pg_backend_config:
+        c10d._world.pg_backend_config[pg] = str(c10d.BackendConfig(recorded))
+    return result
 
 
 def _start_timer(firer: FaultFirer) -> None:
@@ -249,8 +273,108 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
         return firer
     _install_backend(firer)
     for name in sorted(KNOWN_OPS):
-        _wrap_function((dist, c10d), name, firer)
+        _count_calls((dist, c10d), name, firer)
     pytest_ddpfault._step_hook = functools.partial(firer.on_call, "step")
     if firer.counter.next_time() is not None:
         _start_timer(firer)
     return firer
+
+
+def release_the_gil_around_destroy() -> None:
+    """Work around a gloo teardown race in torch (seen with 2.13).
+
+    A finished gloo work can be released last by gloo's run-loop thread, whose
+    destructor then needs the GIL (the work captured Python objects in its thread-local
+    state). If the main thread destroys the process group at that moment, it joins
+    the run-loop thread while holding the GIL, and the rank deadlocks. That happens
+    when a DDP model is freed right after ``destroy_process_group()``. Releasing the
+    GIL around it lets the run-loop threads finish first.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    def make(original):
+        def destroy_process_group(*args, **kwargs):
+            time.sleep(0.002)  # not a synchronisation: a GIL release the run-loop can use
+            try:
+                return original(*args, **kwargs)
+            finally:
+                time.sleep(0.002)
+        return destroy_process_group
+
+    wrap((dist, c10d), "destroy_process_group", make)
+
+
+def on_first_init(callback) -> None:
+    """Call ``callback(args, kwargs)`` inside the first ``init_process_group`` of the
+    process (then the original is back in place); it may install the plan, whose own
+    ``init_process_group`` then runs the call."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    owners = (dist, c10d)
+
+    def make(original):
+        def init_process_group(*args, **kwargs):
+            unwrap(owners, "init_process_group", wrapper)
+            callback(args, kwargs)
+            return c10d.init_process_group(*args, **kwargs)
+        return init_process_group
+
+    wrapper = wrap(owners, "init_process_group", make)
+
+
+def watch_children(on_spawned, on_exception, on_child_exit, on_child_signal) -> None:
+    """What becomes of this process's ``multiprocessing`` children and ``mp.spawn`` workers.
+
+    ``mp.spawn`` runs each worker in ``_wrap``, which catches the worker's exception,
+    hands its text to the parent and calls ``sys.exit(1)``: the interpreter never sees the
+    exception. Its ``_wrap`` is replaced (by name: the parent pickles it by name and the
+    child looks it up after torch has been imported, i.e. after this ran) with one that
+    reports the exception first (``on_spawned(index)``, ``on_exception(exc)``). The
+    parent's ``Popen`` reports each child's exit code (or signal) when it reaps it
+    (``on_child_exit(pid, code)``), and each signal it sends (``on_child_signal(pid, sig)``:
+    ``terminate()``, ``kill()``).
+    """
+    import importlib
+    from multiprocessing import popen_fork
+
+    try:  # the module: torch.multiprocessing.spawn, the attribute, is the function
+        tspawn = importlib.import_module("torch.multiprocessing.spawn")
+    except ImportError:
+        tspawn = None
+
+    def make_wrap(original):
+        def _wrap(fn, i, *rest):
+            on_spawned(i)
+
+            def reported(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    on_exception(exc)
+                    raise
+            return original(reported, i, *rest)
+        return _wrap
+
+    if tspawn is not None:
+        wrap((tspawn,), "_wrap", make_wrap)
+
+    def make_poll(poll):
+        def recording_poll(self, *args, **kwargs):
+            before = self.returncode
+            code = poll(self, *args, **kwargs)
+            if before is None and self.returncode is not None:
+                on_child_exit(self.pid, self.returncode)
+            return code
+        return recording_poll
+
+    def make_send_signal(send_signal):
+        def recording_send_signal(self, sig):
+            if self.returncode is None:
+                on_child_signal(self.pid, int(sig))
+            return send_signal(self, sig)
+        return recording_send_signal
+
+    wrap((popen_fork.Popen,), "poll", make_poll)
+    wrap((popen_fork.Popen,), "_send_signal", make_send_signal)
