@@ -476,7 +476,7 @@ def get_launcher(method: str = "forkserver", preload: tuple[str, ...] = (), dead
             try:
                 z.wait_ready(Deadline(time.monotonic() + 0.6 * deadline.remaining()))
                 return z
-            except (warm.WarmUnavailable, OSError) as exc:
+            except (warm.WarmUnavailable, ipc.UnknownMessage, pickle.UnpicklingError, OSError) as exc:
                 z.close()
                 z = _fall_back(preload, exc)
     z.wait_ready(deadline)
