@@ -57,7 +57,7 @@ class ProcessSlots:
         until ``deadline`` (the caller's: a run's set-up deadline)."""
         n = min(n, self.max_procs)
         waited_from = time.monotonic()
-        pause = 0.005
+        pause = deadline.backoff()
         while True:
             held = self._try_take(n)
             if held is not None:
@@ -65,9 +65,7 @@ class ProcessSlots:
             if deadline.expired():
                 raise SlotsTimeout(f"waited {time.monotonic() - waited_from:.0f} s for {n} of {self.max_procs} rank slots "
                                    f"in {self.directory}")
-            # flock has no multi-lock wait: poll with backoff, bounded by the deadline
-            time.sleep(min(pause, deadline.remaining()))
-            pause = min(pause * 2, 0.1)
+            pause.wait()  # flock has no multi-lock wait
         try:
             yield
         finally:

@@ -26,7 +26,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 
 from pytest_ddpfault.deadline import Deadline
 
@@ -174,7 +173,7 @@ def connect_or_start(directory: str, key: str, idle: float, preload: tuple[str, 
     """Connect to the key's zygote, starting one if none owns the key; wait for one that is
     starting (importing) until ``deadline``. Returns the socket and whether this call started it."""
     started = 0
-    pause = 0.005
+    pause = deadline.backoff()
     while True:
         sock = connect(directory, key, deadline)
         if sock is not None:
@@ -188,9 +187,7 @@ def connect_or_start(directory: str, key: str, idle: float, preload: tuple[str, 
         if deadline.expired():
             raise WarmUnavailable(f"the kept-warm zygote (pid {owner_pid(directory, key)}) did not take "
                                   f"clients in time{_with_log(directory, key)}")
-        # it is importing (seconds): nothing to wait on but its socket's name appearing
-        time.sleep(min(pause, deadline.remaining()))
-        pause = min(pause * 2, 0.1)
+        pause.wait()  # it is importing (seconds): nothing to wait on but its socket's name appearing
 
 
 def _with_log(directory: str, key: str) -> str:
