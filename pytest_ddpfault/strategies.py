@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from pytest_ddpfault.faults import (COLLECTIVE_OPS, KINDS, Fault, FaultSpecError, Fuzz, Param, Trigger,
-                                    format_plan, validate_plan)
+from pytest_ddpfault.faults import (COLLECTIVE_OPS, KINDS, STORAGE_FORMS, Fault, FaultSpecError, Fuzz, Param,
+                                    Trigger, format_plan, validate_plan)
 
 __all__ = ["FaultPlan", "fault_plans", "faults", "triggers"]
 
@@ -27,6 +27,8 @@ __all__ = ["FaultPlan", "fault_plans", "faults", "triggers"]
 DEFAULT_OPS = ("collective", "all_reduce", "broadcast", "barrier")
 MAX_CALL = 5
 MAX_SECONDS = 2.0
+DEFAULT_FORMS = ("op", "step", "init", "time")
+ALL_FORMS = (*DEFAULT_FORMS, *STORAGE_FORMS)   # save#N, load#N: drawn when asked for, or for storage kinds
 
 
 class FaultPlan(tuple):
@@ -46,7 +48,8 @@ def _later(n_max: int) -> st.SearchStrategy[int]:
 
 def triggers(ops=DEFAULT_OPS, forms=("op", "step", "init", "time"), max_call: int = MAX_CALL,
              max_seconds: float = MAX_SECONDS) -> st.SearchStrategy[Trigger]:
-    """Triggers of the given forms; simplest first (ops, then steps, init, times)."""
+    """Triggers of the given forms; simplest first (ops, then steps, init, times, saves, loads).
+    ``forms`` may also name ``save`` and ``load`` (the Nth checkpoint save or load)."""
     unknown = sorted(set(ops) - COLLECTIVE_OPS - {"collective"})
     if unknown:
         raise ValueError(f"triggers(ops=...): unknown op {unknown[0]!r}; allowed: collective, "
@@ -62,8 +65,11 @@ def triggers(ops=DEFAULT_OPS, forms=("op", "step", "init", "time"), max_call: in
     if "time" in forms:
         choices.append(st.integers(0, int(max_seconds * 10)).map(
             lambda k: Trigger("time", seconds=round(max_seconds - k / 10, 1))))
+    for form in STORAGE_FORMS:
+        if form in forms:
+            choices.append(_later(max_call).map(lambda n, form=form: Trigger(form, n=n)))
     if not choices:
-        raise ValueError(f"triggers(forms={forms!r}): no trigger form left; allowed: op, step, init, time")
+        raise ValueError(f"triggers(forms={forms!r}): no trigger form left; allowed: {', '.join(ALL_FORMS)}")
     return st.one_of(*choices)
 
 
@@ -96,8 +102,10 @@ def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | Non
         optional["rank"] = st.integers(0, world_size - 1)
     if definition.takes_at:
         allowed = definition.trigger_forms
-        at = trigger_strategy if trigger_strategy is not None else triggers(
-            ops=ops, forms=tuple(f for f in ("op", "step", "init", "time") if f in allowed))
+        # a kind that also takes save#N/load#N draws them only when asked (a loop may never
+        # save); a storage kind, which takes nothing else, draws its own
+        forms = tuple(f for f in DEFAULT_FORMS if f in allowed) or tuple(f for f in ALL_FORMS if f in allowed)
+        at = trigger_strategy if trigger_strategy is not None else triggers(ops=ops, forms=forms)
         optional["at"] = at.filter(lambda t: t.kind in allowed)
 
     @st.composite

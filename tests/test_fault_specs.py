@@ -38,6 +38,9 @@ FULL_SPECS = {
     "crash_rank": "crash_rank(rank=0, at=step#2, exc=ValueError, message='boom, (really); \"x\"')",
     "hang_rank": "hang_rank(rank=1, at=t=1.5, resume_after=2.0)",
     "delay": "delay(rank=0, at=send#1, seconds=0.25, every=true)",
+    "torn_save": "torn_save(rank=1, at=save#2, fraction=0.25)",
+    "io_error": "io_error(rank=0, at=load#1, errno=EDQUOT)",
+    "slow_io": "slow_io(rank=1, at=save#3, seconds=2.5)",
     "port_collision": "port_collision(mode=bind, hold_for=0.5)",
     "store_down": "store_down(at=t=2.0)",
     "block_port": "block_port(at=t=0.5, duration=1.0)",
@@ -175,6 +178,7 @@ _VALUES = {
     "timeout": st.integers(0, 2**31), "latency": st.integers(0, 10**6),
     "jitter": st.integers(0, 10**6), "rate": st.integers(0, 10**9), "delay": st.integers(0, 10**6),
     "bytes": st.integers(0, 2**40),
+    "fraction": st.floats(0, 1), "errno": st.sampled_from(["ENOSPC", "eio", "EROFS", "EDQUOT"]),
 }
 
 
@@ -184,6 +188,8 @@ def _triggers(forms):
         "op": st.builds(lambda op, n: f"{op}#{n}", st.sampled_from(sorted(KNOWN_OPS)), st.integers(1, 10**6)),
         "step": st.integers(1, 10**6).map(lambda n: Trigger("step", n=n)),
         "time": st.floats(min_value=0, allow_infinity=False).map(lambda s: f"t={s}"),
+        "save": st.integers(1, 10**6).map(lambda n: f"save#{n}"),
+        "load": st.integers(1, 10**6).map(lambda n: Trigger("load", n=n)),
     }
     return st.one_of([options[f] for f in sorted(forms)])
 
@@ -371,8 +377,9 @@ def test_faulted_and_rank_faults():
 # --- kinds and capabilities -------------------------------------------------------------
 
 def test_capabilities():
-    assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "kill_rank")
-    assert kinds_with("acts_in_rank") == ("crash_rank", "delay", "hang_rank", "kill_rank")
+    assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "io_error", "kill_rank", "torn_save")
+    assert kinds_with("acts_in_rank") == ("crash_rank", "delay", "hang_rank", "io_error", "kill_rank",
+                                          "slow_io", "torn_save")
     assert kinds_with("takes_rank") == kinds_with("acts_in_rank")
     assert kinds_with("needs_proxy") == ("bandwidth", "blackhole", "block_port", "latency",
                                          "limit_data", "reset_peer", "slow_close")
@@ -387,8 +394,10 @@ def test_capabilities():
 
 
 def test_trigger_forms_and_defaults_per_kind():
-    assert KINDS["kill_rank"].trigger_forms == {"init", "op", "step", "time"}
-    assert KINDS["delay"].trigger_forms == {"init", "op", "step"}
+    assert KINDS["kill_rank"].trigger_forms == {"init", "op", "step", "time", "save", "load"}
+    assert KINDS["delay"].trigger_forms == {"init", "op", "step", "save", "load"}
+    assert KINDS["torn_save"].trigger_forms == {"save"}
+    assert KINDS["io_error"].trigger_forms == KINDS["slow_io"].trigger_forms == {"save", "load"}
     assert KINDS["store_down"].trigger_forms == {"time"}
     assert KINDS["blackhole"].trigger_forms == {"init", "time"}
     assert KINDS["port_collision"].trigger_forms == frozenset()

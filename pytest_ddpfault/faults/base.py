@@ -11,13 +11,19 @@ out its action through the capability it subclasses:
   through the moments of one run (before the store, before the ranks, after, clean-up).
   ``run`` is anything with the ``RunControl`` methods: the kind never reaches into the
   harness's state.
+- ``OnStorageCall`` (an ``InRank``): the action is carried out on the checkpoint save or
+  load it is due on (``save#N``/``load#N``): ``act_on_call(fault, call)`` gets that call
+  (``StorageCall``: what the rank's wrapper offers) and may write part of it, fail it or
+  hold it back.
 
 Other code asks a kind what it can do (``isinstance(kind, InRank)``, ``kind.targets_rank``),
 never what it is called. Stdlib only: imported in the pytest process and inside ranks.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pytest_ddpfault.errors import FaultSpecError
@@ -28,12 +34,12 @@ from pytest_ddpfault.faults.triggers import Trigger
 if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
 
-__all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "RunAction", "RunControl",
-           "kind_named", "kind_names", "kinds_with", "register"]
+__all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "OnStorageCall", "RunAction",
+           "RunControl", "StorageCall", "kind_named", "kind_names", "kinds_with", "register", "storage_call"]
 
 KINDS: dict[str, FaultKind] = {}
 CAPABILITIES = ("acts_in_rank", "targets_rank", "harness_side", "needs_proxy", "before_ranks",
-                "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank")
+                "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank", "acts_on_storage")
 
 
 def register(cls: type[FaultKind]) -> type[FaultKind]:
@@ -61,6 +67,10 @@ class FaultKind:
     @property
     def acts_in_rank(self) -> bool:
         return isinstance(self, InRank)
+
+    @property
+    def acts_on_storage(self) -> bool:
+        return isinstance(self, OnStorageCall)
 
     @property
     def harness_side(self) -> bool:
@@ -121,6 +131,55 @@ class InRank(FaultKind):
     def event_fields(self, fault: Fault) -> dict[str, Any]:
         """Extra fields of the fault event the rank sends when it fires (JSON values)."""
         return {}
+
+
+class StorageCall(Protocol):
+    """The checkpoint save or load an ``OnStorageCall`` fault is due on, as the rank's
+    wrapper of torch.save / torch.load / torch.distributed.checkpoint offers it."""
+
+    op: str       # "save" or "load"
+    api: str      # "torch.save", "torch.load", "dcp.save", "dcp.async_save", "dcp.load"
+    target: str   # the path or DCP directory, or "<file object>"
+
+    def write_prefix(self, fraction: float, then: Callable[[], None]) -> None:
+        """Save only the first ``fraction`` of this save's bytes where the save would put
+        them (a DCP save: its data files cut there, the later ones not written, no
+        ``.metadata``), durably, then call ``then()``; the save does not go on. A DCP save
+        writes when the call gets there (after its planning collectives)."""
+
+    def fail(self, exc: OSError, opened: bool) -> None:
+        """Make the call raise ``exc`` where the filesystem would: at once for torch.save and
+        torch.load (``opened``: a save to a path first creates or empties its file, as
+        ``open`` does before a write fails), inside the writer or reader of a DCP call (so
+        that DCP reports it to every rank as it does a real one)."""
+
+
+_STORAGE_CALL: contextvars.ContextVar[StorageCall | None] = contextvars.ContextVar("ddpfault_storage_call",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def storage_call(call: StorageCall) -> Iterator[StorageCall]:
+    """The save or load ``call`` is in progress here: faults that fire now may act on it."""
+    token = _STORAGE_CALL.set(call)
+    try:
+        yield call
+    finally:
+        _STORAGE_CALL.reset(token)
+
+
+class OnStorageCall(InRank):
+    """Capability: the action is carried out on the save or load call it is due on."""
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        call = _STORAGE_CALL.get()
+        if call is None:
+            raise RuntimeError(f"{fault} acts on a checkpoint save or load, and none is in progress "
+                               f"(its trigger is {fault.resolved_at()})")
+        self.act_on_call(fault, call)
+
+    def act_on_call(self, fault: Fault, call: StorageCall) -> None:
+        raise NotImplementedError
 
 
 class RunControl(Protocol):

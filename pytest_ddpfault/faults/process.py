@@ -19,7 +19,7 @@ from pytest_ddpfault.faults.params import (
 if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
 
-RANK_AT = at_param("collective#1", "init", "op", "step", "time")
+RANK_AT = at_param("collective#1", "init", "op", "step", "time", "save", "load")
 
 
 class _Targeting(InRank):
@@ -103,7 +103,7 @@ class Delay(InRank):
     name = "delay"
     doc = "the rank sleeps before the op (a straggler: it stays a survivor)"
     # No t=: a delay acts before a call, and a clock has no call to hold back.
-    params = (RANK, at_param("collective#1", "init", "op", "step"),
+    params = (RANK, at_param("collective#1", "init", "op", "step", "save", "load"),
               Param("seconds", SECONDS, 1.0, "seconds to sleep", SHORT),
               Param("every", BOOL, False, "sleep before every call from the trigger on", Fuzz.of(False, True)))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pytest_ddpfault.errors import FaultSpecError
 from pytest_ddpfault.faults._words import did_you_mean, missing_hash
 
-__all__ = ["ALL_FORMS", "COLLECTIVE_OPS", "KNOWN_OPS", "TRIGGER_FORMS", "Trigger"]
+__all__ = ["ALL_FORMS", "COLLECTIVE_OPS", "COUNTED_FORMS", "KNOWN_OPS", "STORAGE_FORMS", "TRIGGER_FORMS", "Trigger"]
 
 # torch.distributed's collective and point-to-point functions (async ones included);
 # `collective` is the wildcard: any of them.
@@ -27,7 +27,12 @@ KNOWN_OPS = frozenset({
 COLLECTIVE_OPS = KNOWN_OPS - {"collective", "new_group"}
 
 TRIGGER_FORMS = {"init": "init", "op": "OP or OP#N (e.g. all_reduce#1)",
-                  "step": "step#N", "time": "t=SECONDS"}
+                  "step": "step#N", "time": "t=SECONDS", "save": "save#N", "load": "load#N"}
+# Checkpoint calls in the rank: torch.save and dcp save/async_save count as `save`,
+# torch.load and dcp load as `load`. Counted names, not collectives.
+STORAGE_FORMS = ("save", "load")
+# Forms counted by name and call number (`step#3`, `save#2`); `op` also carries the op name.
+COUNTED_FORMS = ("step", *STORAGE_FORMS)
 ALL_FORMS = ", ".join(TRIGGER_FORMS.values())
 
 
@@ -35,23 +40,24 @@ ALL_FORMS = ", ".join(TRIGGER_FORMS.values())
 class Trigger:
     """When a fault fires: ``init``, the Nth call of an op, the Nth ``step()``, or ``t=S``."""
 
-    kind: str                      # "init" | "op" | "step" | "time"
+    kind: str                      # "init" | "op" | "step" | "time" | "save" | "load"
     op: str | None = None          # the op name, for kind "op"
-    n: int | None = None           # the call number (from 1), for "op" and "step"
+    n: int | None = None           # the call number (from 1), for "op" and the COUNTED_FORMS
     seconds: float | None = None   # for "time"
 
     def __post_init__(self) -> None:
         # The one validator: parse() builds through it, and so do Python callers.
-        counted = self.kind in ("op", "step")
+        counted = self.kind == "op" or self.kind in COUNTED_FORMS
         if self.kind not in TRIGGER_FORMS or (self.op is not None) != (self.kind == "op") \
                 or (self.n is not None) != counted or (self.seconds is not None) != (self.kind == "time"):
             raise FaultSpecError(f"not a trigger: {self!r}; triggers are {ALL_FORMS}")
         if self.kind == "op" and self.op not in KNOWN_OPS:
-            hint = missing_hash(str(self.op), KNOWN_OPS | {"step"}) or did_you_mean(str(self.op), KNOWN_OPS | {"init", "step"})
+            names = KNOWN_OPS | set(COUNTED_FORMS)
+            hint = missing_hash(str(self.op), names) or did_you_mean(str(self.op), names | {"init"})
             raise FaultSpecError(f"unknown op {self.op!r}{hint}; triggers are {ALL_FORMS}; "
                                  f"OP is one of: {', '.join(sorted(KNOWN_OPS))}")
         if counted and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
-            raise FaultSpecError(f"calls count from 1: the first call is {self.op or 'step'}#1")
+            raise FaultSpecError(f"calls count from 1: the first call is {self.op or self.kind}#1")
         s = self.seconds
         if self.kind == "time":
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
@@ -89,7 +95,7 @@ class Trigger:
         if count is not None and not count.strip().isdecimal():
             raise FaultSpecError(f"the call number must be a whole number >= 1, e.g. {name}#1")
         n = 1 if count is None else int(count)
-        return cls("step", n=n) if name == "step" else cls("op", op=name, n=n)
+        return cls(name, n=n) if name in COUNTED_FORMS else cls("op", op=name, n=n)
 
     @property
     def counted(self) -> tuple[str, int] | None:
@@ -99,6 +105,6 @@ class Trigger:
         return (self.op if self.kind == "op" else self.kind), (self.n or 1)
 
     def __str__(self) -> str:
-        if self.kind in ("op", "step"):
-            return f"{self.op or 'step'}#{self.n}"
+        if self.n is not None:
+            return f"{self.op or self.kind}#{self.n}"
         return f"t={self.seconds!r}" if self.kind == "time" else "init"

@@ -274,6 +274,7 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
     _install_backend(firer)
     for name in sorted(KNOWN_OPS):
         _count_calls((dist, c10d), name, firer)
+    count_storage_calls(firer)
     pytest_ddpfault._step_hook = functools.partial(firer.on_call, "step")
     if firer.counter.next_time() is not None:
         _start_timer(firer)
@@ -378,3 +379,213 @@ def watch_children(on_spawned, on_exception, on_child_exit, on_child_signal) -> 
 
     wrap((popen_fork.Popen,), "poll", make_poll)
     wrap((popen_fork.Popen,), "_send_signal", make_send_signal)
+
+
+# --- checkpoint saves and loads: save#N, load#N ------------------------------------------
+
+def count_storage_calls(firer: FaultFirer) -> None:
+    """Count checkpoint saves and loads (``save``: torch.save, dcp save and async_save;
+    ``load``: torch.load, dcp load) and let the faults due on one act on it (``StorageCall``).
+
+    A call torch makes itself (DCP writes its items with torch.save, async_save runs save
+    in a thread) is not counted again. DCP is wrapped when it is imported already or a
+    fault of this rank is due on a save or load (importing it costs ~0.1 s a rank).
+    """
+    import sys
+
+    import torch
+    from torch import serialization
+
+    from pytest_ddpfault.faults import STORAGE_FORMS
+
+    _wrap_storage((torch, serialization), "save", "save", "torch.save", _TorchFileCall, firer)
+    _wrap_storage((torch, serialization), "load", "load", "torch.load", _TorchFileCall, firer)
+    due = any(f.resolved_at() is not None and f.resolved_at().kind in STORAGE_FORMS for f in firer.counter.faults)
+    if not due and "torch.distributed.checkpoint" not in sys.modules:
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+
+    _wrap_storage((dcp, state_dict_saver), "save", "save", "dcp.save", _DcpCall, firer)
+    _wrap_storage((dcp, state_dict_saver), "async_save", "save", "dcp.async_save", _DcpCall, firer)
+    _wrap_storage((dcp, state_dict_loader), "load", "load", "dcp.load", _DcpCall, firer)
+
+
+def _wrap_storage(owners, name: str, op: str, api: str, call_class, firer: FaultFirer) -> None:
+    import inspect
+    import sys
+
+    from pytest_ddpfault.faults import storage_call
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__") or ""
+            if caller.startswith("torch."):  # torch's own call inside a counted one
+                return original(*args, **kwargs)
+            call = call_class(op, api, original, signature, args, kwargs)
+            with storage_call(call):
+                index = firer.on_call(op)
+            ended = getattr(firer, "on_return", None)  # the operation log, where there is one
+            try:
+                result = call.run()
+            except BaseException:
+                if ended is not None:
+                    ended(index, failed=True)
+                raise
+            if ended is not None:
+                ended(index)
+            return result
+        return wrapper
+
+    wrap(owners, name, make)
+
+
+def _durable(f) -> None:
+    import io
+    import os
+
+    f.flush()
+    try:
+        os.fsync(f.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no file behind it
+        pass
+
+
+class _TorchFileCall:
+    """A torch.save or torch.load call, as a storage fault sees it (``StorageCall``)."""
+
+    def __init__(self, op: str, api: str, original, signature, args: tuple, kwargs: dict) -> None:
+        import os
+
+        self.op, self.api, self.original = op, api, original
+        self.bound = signature.bind(*args, **kwargs)
+        self.f = self.bound.arguments.get("f")
+        self.path = os.fspath(self.f) if isinstance(self.f, (str, os.PathLike)) else None
+        self.target = self.path or "<file object>"
+        self.done = False
+
+    def run(self):
+        if self.done:  # a torn save stopped here (and its rank did not die)
+            return None
+        return self.original(*self.bound.args, **self.bound.kwargs)
+
+    def _saved_bytes(self) -> bytes:
+        """This save's bytes, exactly: saved to a file of the same name elsewhere (the
+        archive inside is named after the file) or to memory for a file object."""
+        import io
+        import os
+        import tempfile
+
+        bound = self.bound.signature.bind(*self.bound.args, **self.bound.kwargs)
+        if self.path is None:
+            bound.arguments["f"] = buf = io.BytesIO()
+            self.original(*bound.args, **bound.kwargs)
+            return buf.getvalue()
+        with tempfile.TemporaryDirectory(prefix="ddpfault-torn-") as d:
+            bound.arguments["f"] = os.path.join(d, os.path.basename(self.path))
+            self.original(*bound.args, **bound.kwargs)
+            with open(bound.arguments["f"], "rb") as src:
+                return src.read()
+
+    def write_prefix(self, fraction: float, then) -> None:
+        if self.op != "save":
+            raise TypeError(f"{self.api} writes nothing: a torn save acts on a save")
+        data = self._saved_bytes()
+        data = data[:int(len(data) * fraction)]
+        if self.path is None:
+            self.f.write(data)
+            _durable(self.f)
+        else:
+            with open(self.path, "wb") as out:
+                out.write(data)
+                _durable(out)
+        self.done = True
+        then()
+
+    def fail(self, exc: OSError, opened: bool) -> None:
+        if self.path is not None:
+            exc.filename = self.path
+            if opened and self.op == "save":
+                open(self.path, "wb").close()  # open() creates or empties it; the write then fails
+        raise exc
+
+
+class _DcpCall:
+    """A torch.distributed.checkpoint save, async_save or load, as a storage fault sees it:
+    it acts through the call's storage writer or reader, so that DCP handles it as its own
+    (a failure reaches every rank through DCP's collectives)."""
+
+    def __init__(self, op: str, api: str, original, signature, args: tuple, kwargs: dict) -> None:
+        self.op, self.api, self.original = op, api, original
+        self.bound = signature.bind(*args, **kwargs)
+        self.key = "storage_writer" if op == "save" else "storage_reader"
+        component = self.bound.arguments.get(self.key)
+        where = getattr(component, "path", None) or self.bound.arguments.get("checkpoint_id")
+        self.target = str(where) if where is not None else "<storage>"
+
+    def run(self):
+        return self.original(*self.bound.args, **self.bound.kwargs)
+
+    def _component(self):
+        """The call's writer (or reader); made here as DCP would from ``checkpoint_id``
+        when the call did not pass one, and passed to the call."""
+        component = self.bound.arguments.get(self.key)
+        if component is None:
+            import torch.distributed.checkpoint as dcp
+
+            checkpoint_id = self.bound.arguments.get("checkpoint_id")
+            if checkpoint_id is None:
+                raise TypeError(f"{self.api} without checkpoint_id or {self.key}: nothing to act on")
+            make = dcp.FileSystemWriter if self.op == "save" else dcp.FileSystemReader
+            component = make(checkpoint_id)
+            self.bound.arguments[self.key] = component
+        return component
+
+    def write_prefix(self, fraction: float, then) -> None:
+        if self.op != "save":
+            raise TypeError(f"{self.api} writes nothing: a torn save acts on a save")
+        writer = self._component()
+        write_data = writer.write_data
+
+        def torn_write_data(plan, planner):
+            results = write_data(plan, planner).wait()
+            _cut_files(getattr(writer, "path", None), results, fraction)
+            then()  # before the results go back, so no rank ever writes .metadata
+            raise RuntimeError(f"{self.api}: torn after {fraction:.0%} of its bytes")  # then() came back
+
+        writer.write_data = torn_write_data
+
+    def fail(self, exc: OSError, opened: bool) -> None:
+        component = self._component()
+        method = "write_data" if self.op == "save" else "read_data"
+
+        def failing(*args, **kwargs):
+            raise exc
+
+        setattr(component, method, failing)
+
+
+def _cut_files(root, results, fraction: float) -> None:
+    """Keep the first ``fraction`` of the bytes of the files a DCP writer wrote, in the order
+    it named them; cut the file at the mark, remove the later ones; make it durable."""
+    import os
+    import re
+
+    names = {getattr(r.storage_data, "relative_path", None) for r in results}
+    if root is None or None in names:
+        return  # a writer that does not name files: the save still never finishes
+    order = sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    paths = [os.path.join(os.fspath(root), n) for n in order]
+    keep = int(sum(os.path.getsize(p) for p in paths) * fraction)
+    for path in paths:
+        size = os.path.getsize(path)
+        if keep <= 0:
+            os.remove(path)
+            continue
+        if keep < size:
+            os.truncate(path, keep)
+        with open(path, "rb+") as f:
+            _durable(f)
+        keep -= size
