@@ -88,10 +88,21 @@ def load_checkpoint(cfg: TrainConfig, model, opt) -> int:
 
 
 def save_checkpoint(cfg: TrainConfig, model, opt, step: int) -> None:
+    """Never in place: write a temp file, fsync it, rename it over the last one, fsync the
+    directory. A save torn half-way (killed, power lost) or failing (ENOSPC, EIO) leaves the
+    last complete checkpoint as it was (tests/test_recovery.py: torn_save, io_error)."""
     os.makedirs(cfg.ckpt_dir, exist_ok=True)
     tmp = _ckpt_path(cfg) + ".tmp"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-    os.replace(tmp, _ckpt_path(cfg))   # atomic: a crash never leaves half a checkpoint
+    with open(tmp, "wb") as f:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())           # the bytes are on disk before the rename makes them "latest"
+    os.replace(tmp, _ckpt_path(cfg))   # atomic: "latest" is the old file or the new one, never half
+    fd = os.open(cfg.ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)                   # the rename itself survives a power loss
+    finally:
+        os.close(fd)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

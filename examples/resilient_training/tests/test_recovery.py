@@ -115,3 +115,49 @@ def test_a_thin_store_link_is_only_slower(ddp, cfg):
 @pytest.mark.ddp(world_size=2, fault="slow_close(delay=300)", timeout=30)
 def test_slow_closes_are_harmless(ddp, cfg):
     ddp.run(train, cfg).assert_all_ok()
+
+
+# Checkpoint faults: rank 0 saves at steps 2, 4, 6 (save#1, save#2, save#3). Each one
+# fails the job; the restarted job resumes from the last complete checkpoint (step 2)
+# and ends with the weights of an unfaulted run.
+@pytest.mark.ddp(world_size=2, timeout=30)
+@pytest.mark.parametrize("fault", [
+    "torn_save(rank=0, at=save#2)",                  # killed half-way through writing step 4
+    "torn_save(rank=0, at=save#2, fraction=0.99)",   # all but the last bytes
+    "io_error(rank=0, at=save#2, errno=ENOSPC)",     # the disk is full
+    "io_error(rank=0, at=save#2, errno=EIO)",
+])
+def test_a_failed_save_leaves_the_last_checkpoint_and_the_job_resumes_from_it(ddp, cfg, reference, fault):
+    res = ddp.run(train, cfg, faults=fault)
+    assert not res[0].ok
+    res.assert_survivors_raised(RuntimeError, within=5)     # rank 1 waits at the barrier: it learns at once
+    resumed = ddp.run(train, cfg, faults=None)
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {2}
+    assert {v["weights"] for v in resumed.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, fault="io_error(rank=0, at=load#1, errno=EIO)", timeout=30)
+def test_an_unreadable_checkpoint_fails_the_start_and_a_retry_resumes(ddp, cfg, reference):
+    ddp.run(train, TrainConfig(steps=2, ckpt_every=2, ckpt_dir=cfg.ckpt_dir, pg_timeout=2.0),
+            faults=None).assert_all_ok()
+    res = ddp.run(train, cfg)
+    assert res[0].raised(OSError, match="Input/output error")
+    resumed = ddp.run(train, cfg, faults=None)
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {2}
+    assert {v["weights"] for v in resumed.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, timeout=30)
+def test_a_slow_save_within_the_timeout_is_tolerated_and_beyond_it_fails_then_resumes(ddp, cfg, reference):
+    ok = ddp.run(train, cfg, faults="slow_io(rank=0, at=save#2, seconds=0.5)")
+    ok.assert_all_ok()
+    assert {v["weights"] for v in ok.values} == {reference}
+    slow = TrainConfig(steps=6, ckpt_every=2, ckpt_dir=cfg.ckpt_dir + "-slow", pg_timeout=1.0)
+    res = ddp.run(train, slow, faults="slow_io(rank=0, at=save#2, seconds=2.0)")
+    assert res[1].raised(RuntimeError, match="Timed out")   # rank 1 waited at the barrier
+    resumed = ddp.run(train, slow, faults=None)
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {4}  # the slow save itself completed
+    assert {v["weights"] for v in resumed.values} == {reference}

@@ -32,3 +32,18 @@ def test_torchrun_restarts_the_killed_worker_and_the_job_resumes(ddp, tmp_path):
     [event] = res.fault_events                        # fired in the first attempt only
     assert (event.kind, event.rank, event.attempt) == ("kill_rank", 1, 0)
     assert final_weights(res) == {("4", reference)}   # resumed at step 4, same weights
+
+
+@pytest.mark.ddp(world_size=2, timeout=240)
+def test_torchrun_restart_after_a_torn_save_resumes_from_the_last_complete_checkpoint(ddp, tmp_path):
+    clean = launch(ddp, tmp_path, "clean")
+    clean.assert_ok()
+    [(_, reference)] = final_weights(clean)
+
+    res = launch(ddp, tmp_path, "torn", max_restarts=1, faults="torn_save(rank=0, at=save#2)")
+    res.assert_ok()
+    assert res.restarts == 1
+    assert res.attempt(0)[0].killed_by(signal.SIGKILL)      # torn while writing step 4
+    [event] = res.fault_events
+    assert (event.kind, event.rank, event.trigger, event.attempt) == ("torn_save", 0, "save#2", 0)
+    assert final_weights(res) == {("2", reference)}         # resumed from step 2, same weights
