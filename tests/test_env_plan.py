@@ -76,7 +76,7 @@ def test_bad_specs_say_what_is_wrong(spec, message):
 
 def test_only_in_rank_kinds_can_come_from_the_environment():
     with pytest.raises(EnvPlanError, match="store_down is applied by the ddp.run harness.*"
-                                           "in-rank kinds are: crash_rank, delay, hang_rank, kill_rank"):
+                                           "in-rank kinds are: crash_rank, delay, hang_rank, io_error, kill_rank, slow_io, torn_save"):
         validate_env_plan("store_down(at=t=1.0)")
     with pytest.raises(EnvPlanError, match="resume_after.*nothing resumes"):
         validate_env_plan("hang_rank(resume_after=1.0)")
