@@ -34,6 +34,9 @@ HELP_KEEP_WARM = ("keep the rank zygote warm after this session: later runs and 
 HELP_KEEP_WARM_IDLE = (f"seconds a kept-warm zygote waits for a client before it leaves "
                        f"(default {DEFAULT_KEEP_WARM_IDLE:g}; env DDPFAULT_KEEP_WARM_IDLE)")
 HELP_KEEP_WARM_STOP = "stop this user's kept-warm zygotes first (their running ranks too)"
+HELP_TIMELINE = ("write each failing ddp test's runs to DIR as an HTML timeline and a Chrome/Perfetto trace "
+                 "(ini ddp_timeline); the report names the files")
+HELP_TIMELINE_ALL = "with --ddp-timeline: write them for every ddp test, passing ones too"
 MARKER_HELP = (f"{MARKER_SIGNATURE}: run the test's ddp.run calls in a group of world_size "
                "ranks with the given fault plan (spec string, Fault or list) and deadline.")
 
@@ -66,6 +69,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=HELP_KEEP_WARM_STOP)
     group.addoption("--ddp-show-internal-frames", dest="ddp_show_internal_frames", action="store_true",
                     default=False, help=HELP_INTERNAL_FRAMES)
+    group.addoption("--ddp-timeline", dest="ddp_timeline", default=None, metavar="DIR", help=HELP_TIMELINE)
+    group.addoption("--ddp-timeline-all", dest="ddp_timeline_all", action="store_true", default=False,
+                    help=HELP_TIMELINE_ALL)
     parser.addini("ddp_timeout", HELP_TIMEOUT, default=None)
     parser.addini("ddp_start_method", HELP_START_METHOD, default=None)
     parser.addini("ddp_preload", HELP_PRELOAD, default=None)
@@ -73,6 +79,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("toxiproxy_url", HELP_TOXIPROXY_URL, default=None)
     parser.addini("ddp_keep_warm", HELP_KEEP_WARM, default=None)
     parser.addini("ddp_keep_warm_idle", HELP_KEEP_WARM_IDLE, default=None)
+    parser.addini("ddp_timeline", HELP_TIMELINE, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -287,3 +294,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 continue
             title = "ddp ranks" if len(results) == 1 else f"ddp ranks (run {i + 1} of {len(results)})"
             report.sections.append((title, res.report()))
+    if results and call.when == "call":
+        directory = item.config.getoption("ddp_timeline") or item.config.getini("ddp_timeline")
+        if directory and (report.failed or item.config.getoption("ddp_timeline_all")):
+            report.sections.append(("ddp timeline", _write_timelines(directory, item.nodeid, results)))
+
+
+def _write_timelines(directory: str, nodeid: str, results: list) -> str:
+    """Each run of the test as ``<test>[-run<N>].html`` and ``.trace.json`` in ``directory``."""
+    import re
+
+    os.makedirs(directory, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[-150:]
+    lines = []
+    for i, res in enumerate(results):
+        name = stem if len(results) == 1 else f"{stem}-run{i + 1}"
+        page = res.timeline(os.path.join(directory, f"{name}.html"))
+        trace = res.trace(os.path.join(directory, f"{name}.trace.json"))
+        lines.append(f"timeline: {os.path.abspath(page)}\ntrace (ui.perfetto.dev, chrome://tracing): "
+                     f"{os.path.abspath(trace)}")
+    return "\n".join(lines)

@@ -56,6 +56,62 @@ def _tail(text: str, lines: int = _TAIL_LINES) -> str:
     return "\n".join(parts[-lines:])
 
 
+def _rank_word(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _where(r: RankResult) -> str:
+    last = r.last_op
+    if last is None:
+        return "no op logged"
+    how = f"{last.source}, {last.group}" if last.group else last.source
+    if last.in_flight:
+        return f"in {last} ({how}) since t={last.start:.2f}s"
+    if last.failed:
+        return f"in {last} ({how}) from t={last.start:.2f}s until it failed at t={last.end:.2f}s"
+    return f"after {last}, ended t={last.end:.2f}s"
+
+
+def _why_not(r: RankResult, events: Sequence) -> str:
+    """Why a rank did not get to a call: its fault, its end, its last op."""
+    parts = [f"{ev.kind} at {ev.trigger}" for ev in events if ev.rank == r.rank]
+    parts.append(r.status if r.status in ("ok", "hung") else r.detail())
+    last = r.last_op
+    parts.append(f"last op {last}" if last is not None else "no op logged")
+    return "; ".join(parts)
+
+
+def progress_table(ranks: Sequence[RankResult], events: Sequence = (), faulted: frozenset = frozenset(),
+                   label=None) -> str:
+    """The progress table of a group (or an attempt): rank, status, ops logged, where it
+    was; then one line naming the laggards."""
+    label = label or (lambda r: f"{r.rank}{'*' if r.rank in faulted else ''}")
+    rows = [("rank", "status", "ops", "where it was")]
+    rows += [(label(r), r.status, str(len(r.ops) + r.ops_dropped), _where(r)) for r in ranks]
+    lines = ["where each rank was:", *_table(rows)]
+    logged = [r for r in ranks if r.ops]
+    if not logged:
+        return "\n".join(lines)
+    ahead = max(logged, key=lambda r: (len(r.ops) + r.ops_dropped, r.ops[-1].start))
+    ref = ahead.ops[-1]
+    in_ref = [r for r in ranks if r.last_op is not None and (r.last_op.name, r.last_op.seq) == (ref.name, ref.seq)]
+    waiting = [r.rank for r in in_ref if r.last_op.in_flight]
+    failed = [r.rank for r in in_ref if r.last_op.failed]
+    entered = {r.rank for r in ranks if any(o.name == ref.name and o.seq >= ref.seq for o in r.ops)}
+    missing = [r for r in ranks if r.rank not in entered]
+    said = []
+    if waiting:
+        said.append(f"{_rank_word(waiting)} {'waits' if len(waiting) == 1 else 'wait'} in {ref}")
+    if failed:
+        said.append(f"{_rank_word(failed)} failed in {ref}")
+    for r in missing:
+        said.append(f"rank {r.rank} never entered {'it' if said else ref}: {_why_not(r, events)}")
+    if not said:
+        said.append(f"every rank got to {ref}")
+    lines.append("; ".join(said))
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class FaultEvent:
     """A fault that fired: ``time`` is seconds from the run's start (ranks up)."""
@@ -88,6 +144,67 @@ class UnfiredFault:
         return f"{self.spec}{where}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class OpRecord:
+    """One counted call of a rank (from its operation log): ``seq`` is the call's count of
+    that op in the rank, from 1, as triggers count it (``all_reduce#3``); ``start``/``end``
+    are seconds from the run's start, ``end`` None while in flight (for an async op, the
+    first moment it was seen completed: at the rank's next counted call or its end).
+    ``source``: "python" (a ``torch.distributed`` function) or "c++" (DDP's Reducer, on
+    the process group); ``bytes``: of the tensors it was given; ``failed``: it raised."""
+
+    name: str
+    seq: int
+    group: str
+    bytes: int
+    start: float
+    end: float | None
+    source: str = "python"
+    failed: bool = False
+
+    @property
+    def in_flight(self) -> bool:
+        return self.end is None
+
+    @property
+    def since(self) -> float:
+        return self.start
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.name} #{self.seq}"
+
+
+def ops_from_log(records: Sequence[dict], dropped: int, t0: float,
+                 until: float | None = None) -> tuple[list, list, int]:
+    """A rank's ops and step marks from its log's records (rank/oplog.read_oplog), with
+    times in seconds from ``t0`` (the run's start); and how many records the log dropped.
+    ``until``: the moment the harness began to end the rank (what a frozen rank did once
+    resumed for its stack dump is not what it was doing: an op that ended later was in flight)."""
+    ops, steps = [], []
+    for rec in records:
+        if until is not None and rec["start"] > until:
+            continue
+        if rec["kind"] == "step":
+            steps.append(StepMark(rec["seq"], round(rec["start"] - t0, 6)))
+        else:
+            end = rec["end"] if until is None or (rec["end"] or 0.0) <= until else None
+            ops.append(OpRecord(rec["name"], rec["seq"], rec["group"], rec["bytes"], round(rec["start"] - t0, 6),
+                                None if end is None else round(end - t0, 6), rec["source"], rec["state"] == "failed"))
+    return ops, steps, dropped
+
+
+@dataclass(frozen=True)
+class StepMark:
+    """A ``pytest_ddpfault.step()`` call: the ``seq``-th, at ``time`` (seconds from the run's start)."""
+
+    seq: int
+    time: float
+
+
 @dataclass
 class RankResult:
     rank: int
@@ -106,6 +223,17 @@ class RankResult:
     stderr: str = ""
     stack: str | None = None
     note: str = ""                  # why the harness ended it, for hung ranks
+    ops: list = field(default_factory=list, repr=False)    # OpRecord, in call order
+    steps: list = field(default_factory=list, repr=False)  # StepMark
+    ops_dropped: int = 0            # the oldest records the bounded log did not keep
+
+    @property
+    def last_op(self) -> OpRecord | None:
+        """The call the rank was in when it ended (the latest in flight), else the last one it finished."""
+        for op in reversed(self.ops):
+            if op.in_flight:
+                return op
+        return self.ops[-1] if self.ops else None
 
     @property
     def ok(self) -> bool:
@@ -207,7 +335,25 @@ class GroupResult:
 
     def report(self, ranks: Sequence[RankResult] | None = None) -> str:
         chosen = [r for r in self.ranks if r.status != "ok"] if ranks is None else list(ranks)
-        return "\n".join([self.summary(), *(r.report() for r in chosen)])
+        progress = [self.progress()] if any(r.ops for r in self.ranks) else []
+        return "\n".join([self.summary(), *progress, *(r.report() for r in chosen)])
+
+    def progress(self) -> str:
+        """Where each rank was when the run ended, and the laggards: which ranks wait in
+        which call, which never entered it and why."""
+        return progress_table(self.ranks, self.fault_events, self.faulted_ranks)
+
+    def timeline(self, path) -> str:
+        """Write a self-contained HTML picture of the run (one lane per rank); returns the path."""
+        from pytest_ddpfault import timeline
+
+        return timeline.write_html(path, timeline.group_lanes(self), title=f"ddp run: {self.world_size} ranks")
+
+    def trace(self, path) -> str:
+        """Write the run as Chrome/Perfetto trace JSON (pid = rank, tid = group); returns the path."""
+        from pytest_ddpfault import timeline
+
+        return timeline.write_trace(path, timeline.group_lanes(self))
 
     def __repr__(self) -> str:
         statuses = ", ".join(f"{r.rank}:{r.status}" for r in self.ranks)
@@ -351,8 +497,32 @@ class TorchrunResult:
         lines += _plan_lines(self.plan, self.fault_events, self.unfired)
         return "\n".join(lines)
 
+    def progress(self) -> str:
+        """Where each worker was when its attempt ended, attempt by attempt (see ``GroupResult.progress``)."""
+        out = []
+        for n in range(self.restarts + 1):
+            workers = self.attempt(n)
+            if workers:
+                events = [ev for ev in self.fault_events if getattr(ev, "attempt", 0) == n]
+                out.append(f"attempt {n}: " + progress_table(workers, events))
+        return "\n".join(out)
+
+    def timeline(self, path) -> str:
+        """Write a self-contained HTML picture of the run, one lane per worker, attempts side by side."""
+        from pytest_ddpfault import timeline
+
+        return timeline.write_html(path, timeline.torchrun_lanes(self), title=self.command_line())
+
+    def trace(self, path) -> str:
+        """Write the run as Chrome/Perfetto trace JSON (pid = attempt * 100 + rank, tid = group)."""
+        from pytest_ddpfault import timeline
+
+        return timeline.write_trace(path, timeline.torchrun_lanes(self))
+
     def report(self) -> str:
         out = [self.summary()]
+        if any(w.ops for w in self.workers):
+            out.append(self.progress())
         out += [w.report() for w in self.workers if w.status != "ok"]
         if self.launcher_stack:
             out.append("launcher stacks at the deadline (faulthandler):\n" + self.launcher_stack.rstrip())

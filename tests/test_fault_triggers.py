@@ -219,13 +219,14 @@ def test_delay_every_from_a_later_trigger_slows_that_call_and_the_following_ones
     assert [ev.trigger for ev in res.fault_events] == ["all_reduce#2", "all_reduce#3"]
 
 
-def test_step_is_a_no_op_outside_a_rank_and_in_a_rank_without_a_plan(ddp):
+def test_step_is_a_no_op_outside_a_rank_and_only_marks_the_op_log_without_a_plan(ddp):
     assert pytest_ddpfault._step_hook is None
     assert pytest_ddpfault.step() is None
     assert pytest_ddpfault._step_hook is None
     res = ddp.run(steps_without_a_plan, 3)
     res.assert_all_ok()
-    assert res.values == [(True, 3), (True, 3)]
+    assert res.values == [(False, 3), (False, 3)]  # the op log (on by default) counts steps
+    assert [[s.seq for s in r.steps] for r in res] == [[1, 2, 3], [1, 2, 3]]
 
 
 # -- real groups ---------------------------------------------------------------------------

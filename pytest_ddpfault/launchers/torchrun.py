@@ -48,8 +48,9 @@ from pytest_ddpfault.parent.reaping import (
 )
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX
 from pytest_ddpfault.results import (
-    AttemptFaultEvent, TorchrunResult, UnfiredFault, WorkerResult, signal_name,
+    AttemptFaultEvent, TorchrunResult, UnfiredFault, WorkerResult, ops_from_log, signal_name,
 )
+from pytest_ddpfault.rank.oplog import read_oplog
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 
 __all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
@@ -67,7 +68,8 @@ AGENT_STOPPED = "stopped by the torchrun agent after another worker failed"
 # What the parent environment must not pass to the launcher: it makes its own group.
 _GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_plan.ENV_DIE_WITH_PARENT)
+_OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_plan.ENV_DIE_WITH_PARENT,
+            env_plan.ENV_OPLOG)
 # The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
@@ -157,7 +159,8 @@ class _LaunchRun:
         for key, value in self.defaults.items():
             env.setdefault(key, value)
         env.update({env_plan.ENV_PLAN: env_plan.format_env_plan(self.plan),
-                    env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: "1"})
+                    env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: "1",
+                    env_plan.ENV_OPLOG: self.dir})
         env.update({k: str(v) for k, v in self.user_env.items()})
         return env
 
@@ -417,6 +420,9 @@ class _LaunchRun:
         if end is not None:
             w.duration = round(end - start["time"], 4)
             w.end_time = round(end - self.start, 4)
+        until = self.ended_at if w.status == "hung" and self.timed_out else None
+        w.ops, w.steps, w.ops_dropped = ops_from_log(*read_oplog(env_plan.oplog_path(self.dir, pid)), self.start,
+                                                     until=until)
         return w
 
     def _unfired(self, events: list, workers: list, restarts: int) -> list[UnfiredFault]:

@@ -36,7 +36,8 @@ from pytest_ddpfault.rank.bootstrap import ChildJob
 from pytest_ddpfault.errors import HarnessError, HarnessWarning
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.parent.reaping import CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, wait_for_stacks
-from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault
+from pytest_ddpfault.rank.oplog import read_oplog
+from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault, ops_from_log
 from pytest_ddpfault.settings import check_timeout, check_world_size
 
 # Before the run's clock starts: waiting for rank slots (other runs hold them), the
@@ -60,6 +61,7 @@ class RunConfig:
     env: dict = field(default_factory=dict)
     toxiproxy: object = None   # where network faults find Toxiproxy (see network.resolve_api)
     slots: object = None       # slots.ProcessSlots capping rank processes across workers
+    oplog: bool = True         # every rank logs its ops (RankResult.ops); False: no log, no counting
 
     def __post_init__(self) -> None:
         check_world_size(self.world_size, "RunConfig")
@@ -82,6 +84,7 @@ class _Proc:
     ended_at: float = 0.0         # when the harness decided to end it
     frozen: bool = False          # stopped by hang_rank and not resumed
     resumes: bool = False         # a resume_after SIGCONT is scheduled for it
+    oplog_path: str = ""          # its operation log (rank/oplog.py), "" = none
 
 
 class GroupRun:
@@ -166,7 +169,7 @@ class GroupRun:
 
     # -- start ------------------------------------------------------------------
     def _paths(self, stem: str) -> dict:
-        return {k: os.path.join(self.dir, f"{stem}.{k}") for k in ("out", "err", "stack", "result")}
+        return {k: os.path.join(self.dir, f"{stem}.{k}") for k in ("out", "err", "stack", "result", "ops")}
 
     def _start_store(self, setup: Deadline) -> None:
         p = self._paths("store")
@@ -228,14 +231,15 @@ class GroupRun:
         for rank in range(self.config.world_size):
             p = self._paths(f"rank{rank}")
             task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
-                            specs, p["result"], self.inbox.path)
+                            specs, p["result"], self.inbox.path, p["ops"] if self.config.oplog else "")
             jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank.task:rank_main", pickle.dumps(task),
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
                                  p["out"], p["err"], p["stack"]))
             paths.append(p)
         started = self.launcher.launch_many(jobs, setup)
         for rank, ((pid, t), p) in enumerate(zip(started, paths)):
-            proc = _Proc(f"rank {rank}", pid, t, p["out"], p["err"], p["stack"], p["result"], rank)
+            proc = _Proc(f"rank {rank}", pid, t, p["out"], p["err"], p["stack"], p["result"], rank,
+                         oplog_path=p["ops"] if self.config.oplog else "")
             self.ranks.append(proc)
             self.by_pid[pid] = proc
         # The run's clock starts now that its ranks exist (the zygote's start is not in it).
@@ -406,6 +410,9 @@ class GroupRun:
             r.status = "exited"
         if p.exit is not None:
             r.signal, r.exit_code = p.exit.signal, p.exit.exit_code
+        if p.oplog_path:
+            r.ops, r.steps, r.ops_dropped = ops_from_log(*read_oplog(p.oplog_path), self.start,
+                                                         until=p.ended_at if p.ended_by_harness else None)
         r.duration = round(end - p.started, 4)
         r.end_time = round(max(0.0, end - self.start), 4)  # a rank can end before the last one exists
         return r
@@ -453,11 +460,11 @@ def _sys_path() -> list:
 def run_group(fn: Callable, *args, world_size: int = 2, faults=None, timeout: float = 60.0,
               init: bool = False, backend: str = "gloo", proxy: bool = False,
               start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
-              toxiproxy=None, **kwargs) -> GroupResult:
+              toxiproxy=None, oplog: bool = True, **kwargs) -> GroupResult:
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
     check_world_size(world_size, "run_group(world_size=...)")
     check_timeout(timeout, "run_group(timeout=...)")
     config = RunConfig(world_size=world_size, faults=faults, timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
-                       preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy)
+                       preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy, oplog=oplog)
     return GroupRun(fn, args, kwargs, config).run()

@@ -49,14 +49,16 @@ from pytest_ddpfault.procfs import start_ticks
 from pytest_ddpfault.rank.bootstrap import register_stack_dump, set_parent_death_signal
 
 __all__ = [
-    "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
+    "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_OPLOG", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
     "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
-    "checked_events", "parse_env_plan", "read_events", "stack_path", "validate_env_plan",
+    "checked_events", "oplog_path", "parse_env_plan", "read_events", "stack_path", "validate_env_plan",
 ]
 
 ENV_PLAN = "DDPFAULT_PLAN"
 ENV_ATTEMPT = "DDPFAULT_ATTEMPT"
 ENV_EVENTS = "DDPFAULT_EVENTS"
+# A directory: each armed process logs its ops to oplog.<pid> there (rank/oplog.py).
+ENV_OPLOG = "DDPFAULT_OPLOG"
 # Set by ddp.torchrun: each process dies with its parent (PR_SET_PDEATHSIG), so a killed
 # launcher cannot leave workers behind.
 ENV_DIE_WITH_PARENT = "DDPFAULT_DIE_WITH_PARENT"
@@ -185,6 +187,11 @@ def stack_path(events_path: str, pid: int) -> str:
     return f"{events_path}.stack.{pid}"
 
 
+def oplog_path(directory: str, pid: int) -> str:
+    """Where process ``pid`` logs its ops under ``DDPFAULT_OPLOG=directory``."""
+    return os.path.join(directory, f"oplog.{pid}")
+
+
 def hook_path() -> str | None:
     """The installed ``pytest-ddpfault.pth`` on this interpreter's path, or None."""
     import site
@@ -296,6 +303,8 @@ class _Activation:
         self.events.send("exception", rank=self.current_rank(), **exception_fields(exc))
 
     def _send_exit(self) -> None:
+        if self.firer is not None and self.firer.oplog is not None:
+            self.firer.settle()
         self.events.send("exit", rank=self.current_rank(),
                          **({"unfired": self.unfired()} if self.firer is not None else {}))
 
@@ -345,12 +354,24 @@ class _Activation:
                 fault.validate(world_size)
             # Every rank counts, with or without a fault due in it in this attempt.
             firer = install_plan(self.faults, rank, world_size, _FreezeAware(self), started=self.started,
-                                 count_without_faults=True)
+                                 count_without_faults=True, oplog=self._open_oplog())
         except FaultSpecError as e:
             raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
                                f"{e}") from None
         self.firer = firer
         self.events.send("armed", rank=rank, world_size=world_size, faults=[str(f) for f in firer.counter.faults])
+
+    def _open_oplog(self):
+        directory = self.env.get(ENV_OPLOG)
+        if not directory:
+            return None
+        from pytest_ddpfault.rank.oplog import OpLog
+
+        try:
+            return OpLog(oplog_path(directory, os.getpid()))
+        except OSError as e:  # no log is no reason to fail the process
+            sys.stderr.write(f"pytest-ddpfault: {ENV_OPLOG}={directory!r}: cannot log ops: {e}\n")
+            return None
 
     def dump_stacks(self, why: str) -> None:
         """Every thread's stack, now, into this process's stack file (before it freezes:

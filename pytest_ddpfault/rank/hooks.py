@@ -27,6 +27,7 @@ import time
 
 import pytest_ddpfault
 from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
+from pytest_ddpfault.rank import oplog
 
 _WRAPPED_BACKEND = "ddpfault_gloo"
 # ProcessGroup method -> the torch.distributed op name a user knows it by.
@@ -48,6 +49,7 @@ _PG_OPS = {
     "reduce_scatter_single_coalesced": "reduce_scatter_tensor", "all_to_all_single": "all_to_all_single",
 }
 _local = threading.local()
+_MAX_PENDING = 256  # async works watched for their end at once
 
 
 def wrap(owners, name: str, make):
@@ -75,16 +77,89 @@ def unwrap(owners, name: str, wrapper) -> None:
 class FaultFirer:
     """Counts this rank's calls and fires the faults that come due."""
 
-    def __init__(self, plan, rank: int, world_size: int, events, started: float) -> None:
+    def __init__(self, plan, rank: int, world_size: int, events, started: float, oplog=None) -> None:
         self.rank = rank
         self.counter = TriggerCounter(plan, rank=rank, world_size=world_size)
         self.events = events
         self.started = started
         self.main_thread = threading.main_thread().ident
+        self.oplog = oplog            # rank/oplog.OpLog: every counted call, or None
+        self._pending: list = []      # (log index, Work) of async ops not seen done yet
+        self._tensor = self._group_class = None
 
-    def on_call(self, name: str) -> None:
-        for fault in self.counter.record(name):
+    def on_call(self, name: str, source: int = 0, args: tuple = (), kwargs: dict | None = None,
+                group=None) -> int:
+        """Count the call and fire what is due; then log it (after the faults: a rank
+        frozen or killed at its trigger never entered the op). Returns its log index."""
+        if self._pending:  # before the faults: what a frozen rank had finished shows as finished
+            self.settle()
+        due = self.counter.record(name)
+        if name == "step" and self.oplog is not None:  # a mark: the rank got to it, whatever fires there
+            now = time.monotonic()
+            self.oplog.begin(oplog.STEP, name, self.counter.count(name), "", 0, source, now, now, oplog.DONE)
+        for fault in due:
             self.fire(fault, f"{name}#{self.counter.count(name)}" if name != "init" else "init")
+        if self.oplog is None or name == "step":
+            return -1
+        now = time.monotonic()
+        group_name = self._group_name(group, args, kwargs) if name in KNOWN_OPS else ""  # not a collective
+        return self.oplog.begin(oplog.OP, name, self.counter.count(name), group_name, self._nbytes(args, kwargs),
+                                source, now)
+
+    def on_return(self, index: int, result=None, failed: bool = False) -> None:
+        """The logged call ``index`` returned ``result`` (or raised): an async ``Work`` ends
+        when it is seen completed (``settle``), anything else now."""
+        if index < 0:
+            return
+        if not failed and hasattr(result, "is_completed"):
+            self._pending.append((index, result))
+            if len(self._pending) > _MAX_PENDING:  # never seen done: stays "in flight" in the log
+                del self._pending[0]
+            return
+        self.oplog.end(index, time.monotonic(), oplog.FAILED if failed else oplog.DONE)
+
+    def settle(self, now: float | None = None) -> None:
+        """Mark the async works seen completed as ended (at the next counted call, a
+        ``step()`` or the rank's end: cheap, and an upper bound of their end)."""
+        now = time.monotonic() if now is None else now
+        still = []
+        for index, work in self._pending:
+            state = _work_state(work)
+            if state is None:
+                still.append((index, work))
+            else:
+                self.oplog.end(index, now, state)
+        self._pending = still
+
+    def _group_name(self, group, args: tuple, kwargs: dict | None) -> str:
+        if group is None:
+            if self._group_class is None:
+                import torch.distributed as dist
+                self._group_class = dist.ProcessGroup
+            group = (kwargs or {}).get("group") or next((a for a in args if isinstance(a, self._group_class)), None)
+        if group is None:
+            return "default"
+        from torch.distributed import distributed_c10d as c10d
+        if group is c10d.GroupMember.WORLD:
+            return "default"
+        return str(getattr(group, "group_name", "") or "group")
+
+    def _nbytes(self, args: tuple, kwargs: dict | None) -> int:
+        """Bytes of the tensors the call was given (top level and in lists)."""
+        if self._tensor is None:
+            import torch
+            self._tensor = torch.Tensor
+        tensor, total = self._tensor, 0
+        for value in (*args, *(kwargs.values() if kwargs else ())):
+            if isinstance(value, tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, tensor):
+                        total += item.numel() * item.element_size()
+                    elif isinstance(item, (list, tuple)):
+                        total += sum(t.numel() * t.element_size() for t in item if isinstance(t, tensor))
+        return total
 
     def on_time(self) -> None:
         for fault in self.counter.due_at(time.monotonic() - self.started):
@@ -101,6 +176,25 @@ class FaultFirer:
                 _raise_in_main(self.main_thread, exc)
             return
         kind.fire_in_rank(fault)
+
+
+def _work_state(work) -> int | None:
+    """A work's end as the log says it (``oplog.DONE``, ``oplog.FAILED``), None while it runs.
+    gloo completes a work's future (which DDP's Reducer waits on) a moment before the work
+    itself says it is completed: the future is asked too."""
+    try:
+        if work.is_completed():
+            return oplog.FAILED if work.exception() is not None else oplog.DONE
+        future = work.get_future()
+    except Exception:  # a work torch no longer knows, or one without a future
+        return None
+    if not future.done():
+        return None
+    try:
+        future.value()
+    except Exception:  # the error the op ended with
+        return oplog.FAILED
+    return oplog.DONE
 
 
 def _raise_in_main(thread_id: int, exc: BaseException) -> None:
@@ -127,8 +221,14 @@ def _count_calls(modules, name: str, firer: FaultFirer) -> None:
                 return original(*args, **kwargs)
             _local.depth = 1
             try:
-                firer.on_call(name)
-                return original(*args, **kwargs)
+                index = firer.on_call(name, oplog.PYTHON, args, kwargs)
+                try:
+                    result = original(*args, **kwargs)
+                except BaseException:
+                    firer.on_return(index, failed=True)
+                    raise
+                firer.on_return(index, result)
+                return result
             finally:
                 _local.depth = 0
         return wrapper
@@ -162,11 +262,20 @@ def _make_process_group_class(firer: FaultFirer):
         on_inner = hasattr(ProcessGroupGloo, method)
 
         def call(self, *args, **kwargs):
-            if not getattr(_local, "depth", 0):
-                firer.on_call(op)
-            if on_inner:
-                return getattr(self.inner, method)(*args, **kwargs)
-            return getattr(dist.ProcessGroup, method)(self, *args, **kwargs)
+            if getattr(_local, "depth", 0):  # counted (and logged) by the Python wrapper
+                index = -1
+            else:
+                index = firer.on_call(op, oplog.CPP, args, kwargs, group=self)
+            try:
+                if on_inner:
+                    result = getattr(self.inner, method)(*args, **kwargs)
+                else:
+                    result = getattr(dist.ProcessGroup, method)(self, *args, **kwargs)
+            except BaseException:
+                firer.on_return(index, failed=True)
+                raise
+            firer.on_return(index, result)
+            return result
         call.__name__ = method
         return call
 
@@ -220,11 +329,22 @@ def _install_backend(firer: FaultFirer) -> None:
 
 
 def _init_on_wrapped_gloo(original, signature, firer: FaultFirer, args: tuple, kwargs: dict):
-    """``init`` fires here; the group gets the wrapped gloo where torch would use gloo alone."""
+    """``init`` fires (and is logged) here; the group gets the wrapped gloo where torch would
+    use gloo alone."""
+    index = firer.on_call("init")
+    try:
+        result = _init_group(original, signature, args, kwargs)
+    except BaseException:
+        firer.on_return(index, failed=True)
+        raise
+    firer.on_return(index)
+    return result
+
+
+def _init_group(original, signature, args: tuple, kwargs: dict):
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    firer.on_call("init")
     try:
         call = signature.bind(*args, **kwargs)
     except TypeError:  # torch says what is wrong with the call
@@ -262,14 +382,16 @@ def _start_timer(firer: FaultFirer) -> None:
 
 
 def install_plan(plan, rank: int, world_size: int, events, started: float | None = None,
-                 count_without_faults: bool = False) -> FaultFirer:
+                 count_without_faults: bool = False, oplog=None) -> FaultFirer:
     """Install the plan's in-rank faults for ``rank`` in this process (and count its calls
-    even when none is for this rank, with ``count_without_faults``)."""
+    even when none is for this rank, with ``count_without_faults`` or an ``oplog``, the
+    ``rank/oplog.OpLog`` every counted call is written to)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    firer = FaultFirer(plan, rank, world_size, events, time.monotonic() if started is None else started)
-    if not firer.counter.faults and not count_without_faults:
+    firer = FaultFirer(plan, rank, world_size, events, time.monotonic() if started is None else started,
+                       oplog=oplog)
+    if not firer.counter.faults and not count_without_faults and oplog is None:
         return firer
     _install_backend(firer)
     for name in sorted(KNOWN_OPS):

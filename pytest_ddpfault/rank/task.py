@@ -18,6 +18,7 @@ from pytest_ddpfault import ipc
 from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.ipc import EventSink
 from pytest_ddpfault.rank.hooks import install_plan, release_the_gil_around_destroy
+from pytest_ddpfault.rank.oplog import OpLog
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RankTask:
     faults: tuple             # the whole plan, as spec strings; each rank picks its own
     result_path: str
     events_path: str
+    oplog_path: str = ""      # where the rank logs its ops (rank/oplog.py); "" = no log
 
 
 def exception_record(exc: BaseException) -> dict:
@@ -77,11 +79,15 @@ def rank_main(job) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     events = EventSink(task.events_path)
     release_the_gil_around_destroy()
-    if task.faults:
-        install_plan(task.faults, task.rank, task.world_size, events, started=job_started)
+    firer = None
+    if task.faults or task.oplog_path:  # with the log on, every rank counts and logs its calls
+        log = OpLog(task.oplog_path) if task.oplog_path else None
+        firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log)
     try:
         value = _call_user(task)
     except SystemExit as exc:  # the user's own exit: the process exits, no result
+        if firer is not None and firer.oplog is not None:
+            firer.settle()
         sys.stdout.flush()
         sys.stderr.flush()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -89,5 +95,7 @@ def rank_main(job) -> int:
         record = exception_record(exc)
     else:
         record = value_record(value, task.rank)
+    if firer is not None and firer.oplog is not None:
+        firer.settle()  # async works that completed since the last call
     write_result(task.result_path, record)
     return 0
