@@ -3,8 +3,8 @@
 # virtualenv of their own (outside the repository), this package with its test extra,
 # and a full run of the test suite.
 #
-#   bench/compat.sh                  # the floor (2.7.0) and the newest torch pip will install
-#   bench/compat.sh 2.7.0 2.14.1     # given versions; "newest" means what pip picks unpinned
+#   bench/compat.sh                  # the floor (2.9.1) and the newest torch pip will install
+#   bench/compat.sh 2.9.1 2.14.1     # given versions; "newest" means what pip picks unpinned
 #
 # Environment: COMPAT_VENVS (where the virtualenvs go; default ${TMPDIR:-/tmp}/ddpfault-compat),
 # PYTHON (the interpreter to build them from; default python3), PYTEST_ARGS (extra pytest
@@ -12,11 +12,11 @@
 #
 # These are the registry's default (CUDA) builds: ~5 GB and ~10 minutes to install each,
 # so this is not part of every CI run. torch < 2.3 was built against numpy 1.x: numpy<2.
-# Prints one line per version ("torch 2.7.0+cu126: 397 passed in ...") and exits non-zero if any
+# Prints one line per version ("torch 2.9.1+cu128: 484 passed in ...") and exits non-zero if any
 # version's suite failed.
 set -u -o pipefail
 
-FLOOR=2.7.0
+FLOOR=2.9.1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENVS=${COMPAT_VENVS:-${TMPDIR:-/tmp}/ddpfault-compat}
 PYTHON=${PYTHON:-python3}
