@@ -46,6 +46,12 @@ SCRIPT = textwrap.dedent("""\
 """ % WORLD_SIZE)
 
 
+def _ctrl_c_as_a_terminal_gives_it() -> None:
+    # A pytest started in the background (``&``, nohup) ignores SIGINT, and a child would
+    # inherit that: Python then installs no KeyboardInterrupt handler and Ctrl-C does nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def group_script(tmp_path):
     """Start the script; yield (process, its zygote pid, every pid the run started)."""
@@ -57,7 +63,8 @@ def group_script(tmp_path):
     env = dict(os.environ, TMPDIR=run_tmp)
     stderr = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(script), str(pid_dir)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path)
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path,
+                            preexec_fn=_ctrl_c_as_a_terminal_gives_it)
     started: dict[int, int] = {}
     try:
         ranks_up = poll(lambda: len(list(pid_dir.glob("*.pid"))) == WORLD_SIZE or proc.poll() is not None,
