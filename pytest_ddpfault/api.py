@@ -9,7 +9,7 @@ from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.errors import UnfiredFaultWarning
 from pytest_ddpfault.results import GroupResult
-from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, check_world_size
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_nodes, check_timeout, check_world_size
 
 _UNSET = object()
 
@@ -22,10 +22,11 @@ class DDP:
 
     def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
                  backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
-                 preload: tuple = (), toxiproxy=None, slots=None) -> None:
+                 preload: tuple = (), toxiproxy=None, slots=None, nodes: int = 1) -> None:
         self.world_size = check_world_size(world_size, "DDP(world_size=...)")
+        self.nodes = check_nodes(nodes, world_size, "DDP(nodes=...)")
         self.faults: tuple = tuple(_faults.parse_plan(faults))
-        _faults.validate_plan(self.faults, world_size)
+        _faults.validate_plan(self.faults, world_size, self.nodes)
         self.timeout = timeout
         self.backend = backend
         self.proxy = proxy
@@ -43,7 +44,7 @@ class DDP:
 
         plan = self.faults if faults is _UNSET else faults   # RunConfig checks it against the group
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
-        config = RunConfig(world_size=self.world_size, faults=plan, timeout=limit, backend=self.backend,
+        config = RunConfig(world_size=self.world_size, nodes=self.nodes, faults=plan, timeout=limit, backend=self.backend,
                            init=init, proxy=self.proxy, start_method=self.start_method,
                            preload=self.preload, toxiproxy=self.toxiproxy, slots=self.slots)
         run = GroupRun(fn, args, kwargs, config)
@@ -84,4 +85,5 @@ class DDP:
 
     def __repr__(self) -> str:
         plan = _faults.format_plan(self.faults) or "no fault"
-        return f"<ddp world_size={self.world_size} {plan} timeout={self.timeout:g}s>"
+        nodes = f" nodes={self.nodes}" if self.nodes > 1 else ""
+        return f"<ddp world_size={self.world_size}{nodes} {plan} timeout={self.timeout:g}s>"

@@ -215,7 +215,7 @@ def ddp(request: pytest.FixtureRequest):
 
     settings = request.config.stash[_settings_key]
     ms = request.node.stash.get(_marker_key, None) or marker_settings((), {}, settings)
-    runner = DDP(world_size=ms.world_size, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
+    runner = DDP(world_size=ms.world_size, nodes=ms.nodes, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
                  proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
                  toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key])
     request.node.stash[_results_key] = runner.results

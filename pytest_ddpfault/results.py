@@ -122,9 +122,12 @@ class FaultEvent:
     time: float
     spec: str = ""
     detail: str = ""
+    node: int | None = None  # the node it hit, for a fault on a whole node (kill_node)
 
     def __str__(self) -> str:
         where = f"rank {self.rank}" if self.rank is not None else "the group"
+        if self.node is not None:
+            where = f"node {self.node} (from rank {self.rank})" if self.rank is not None else f"node {self.node}"
         extra = f" ({self.detail})" if self.detail else ""
         return f"{self.kind} on {where} at {self.trigger}, t={self.time:.2f}s{extra}"
 
@@ -226,6 +229,7 @@ class RankResult:
     ops: list = field(default_factory=list, repr=False)    # OpRecord, in call order
     steps: list = field(default_factory=list, repr=False)  # StepMark
     ops_dropped: int = 0            # the oldest records the bounded log did not keep
+    node: int = 0                   # the virtual node it ran on (nodes=)
 
     @property
     def last_op(self) -> OpRecord | None:
@@ -326,9 +330,14 @@ class GroupResult:
 
     # -- text -----------------------------------------------------------------
     def summary(self) -> str:
-        lines = _table([("rank", "status", "time", "what happened")] +
-                       [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", r.status,
-                         _seconds(r.duration), r.detail()) for r in self.ranks])
+        if any(r.node for r in self.ranks):  # nodes > 1: which node each rank ran on
+            lines = _table([("rank", "node", "status", "time", "what happened")] +
+                           [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", str(r.node), r.status,
+                             _seconds(r.duration), r.detail()) for r in self.ranks])
+        else:
+            lines = _table([("rank", "status", "time", "what happened")] +
+                           [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", r.status,
+                             _seconds(r.duration), r.detail()) for r in self.ranks])
         if self.faulted_ranks:
             lines.append("(* = targeted by a kill, crash or hang fault)")
         return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired))

@@ -16,8 +16,10 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_KEEP_WARM_IDLE = 600.0
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 DEFAULT_WORLD_SIZE = 2
-MARKER_SIGNATURE = "ddp(world_size, fault=None, timeout=60.0, backend='gloo', proxy=False)"
-MARKER_KEYS = ("world_size", "fault", "timeout", "backend", "proxy")
+MARKER_SIGNATURE = "ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False)"
+MARKER_KEYS = ("world_size", "nodes", "fault", "timeout", "backend", "proxy")
+# Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
+NODE_NET = 127 << 24 | 7 << 8
 
 
 def check_timeout(value, source: str) -> float:
@@ -37,6 +39,19 @@ def check_world_size(value, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SettingsError(f"world_size {value!r} from {source}: must be an int >= 1")
     return value
+
+
+def check_nodes(value, world_size: int, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or world_size % value:
+        raise SettingsError(f"nodes {value!r} from {source}: must be an int >= 1 that divides "
+                            f"world_size={world_size}")
+    return value
+
+
+def node_address(node: int) -> str:
+    """The IPv4 loopback address of virtual node ``node`` (127.0.7.1 for node 0, ...)."""
+    value = NODE_NET + (node // 254) * 256 + node % 254 + 1
+    return ".".join(str(value >> shift & 255) for shift in (24, 16, 8, 0))
 
 
 def parse_flag(value, source: str) -> bool:
@@ -103,6 +118,7 @@ class MarkerSettings:
     timeout: float = DEFAULT_TIMEOUT
     backend: str = "gloo"
     proxy: bool = False
+    nodes: int = 1
 
 
 def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> MarkerSettings:
@@ -120,6 +136,7 @@ def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> Mark
     if unknown:
         raise SettingsError(f"{source}: unknown keyword {unknown[0]!r}; allowed: {', '.join(MARKER_KEYS)}")
     world_size = check_world_size(values.get("world_size", DEFAULT_WORLD_SIZE), f"{source}(world_size=...)")
+    nodes = check_nodes(values.get("nodes", 1), world_size, f"{source}(nodes=...)")
     timeout = (check_timeout(values["timeout"], "marker") if "timeout" in values else session.timeout)
     backend = values.get("backend", "gloo")
     if not isinstance(backend, str) or not backend:
@@ -129,7 +146,7 @@ def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> Mark
         raise SettingsError(f"proxy {proxy!r} from marker: must be True or False")
     try:
         plan = _faults.parse_plan(values.get("fault"))
-        _faults.validate_plan(plan, world_size)
+        _faults.validate_plan(plan, world_size, nodes)
     except _faults.FaultSpecError as exc:
         raise SettingsError(f"fault {values.get('fault')!r} from marker: {exc}") from None
-    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy)
+    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy, nodes)

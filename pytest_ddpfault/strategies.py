@@ -91,15 +91,17 @@ def _drawn(param: Param, kind: str) -> st.SearchStrategy:
 
 
 def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | None = None,
-           ops=DEFAULT_OPS) -> st.SearchStrategy[Fault]:
-    """Valid faults of one kind for ``world_size`` ranks."""
+           ops=DEFAULT_OPS, nodes: int = 1) -> st.SearchStrategy[Fault]:
+    """Valid faults of one kind for ``world_size`` ranks on ``nodes`` nodes."""
     if kind not in KINDS:
         raise ValueError(f"faults(kind={kind!r}): unknown kind; allowed: {', '.join(sorted(KINDS))}")
     definition = KINDS[kind]
     optional = {p.name: _drawn(p, kind) for p in definition.params
-                if p.name not in ("rank", "at") and (p.fuzz is None or p.fuzz.drawn)}
+                if p.name not in ("rank", "node", "at") and (p.fuzz is None or p.fuzz.drawn)}
     if definition.takes_rank:
         optional["rank"] = st.integers(0, world_size - 1)
+    if "node" in definition.keys:
+        optional["node"] = st.integers(0, nodes - 1)
     if definition.takes_at:
         allowed = definition.trigger_forms
         # a kind that also takes save#N/load#N draws them only when asked (a loop may never
@@ -112,7 +114,7 @@ def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | Non
     def build(draw):
         params = draw(st.fixed_dictionaries({}, optional=optional))
         try:
-            return Fault(kind, **params).validate(world_size)
+            return Fault(kind, **params).validate(world_size, nodes)
         except FaultSpecError:
             from hypothesis import reject
 
@@ -122,24 +124,27 @@ def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | Non
 
 
 def fault_plans(world_size: int, kinds=None, max_faults: int = 1, triggers=None,
-                ops=DEFAULT_OPS) -> st.SearchStrategy[FaultPlan]:
-    """Plans of 0..max_faults faults, each valid for ``world_size``, accepted by ``ddp.run(faults=...)``."""
+                ops=DEFAULT_OPS, nodes: int = 1) -> st.SearchStrategy[FaultPlan]:
+    """Plans of 0..max_faults faults, each valid for ``world_size`` ranks on ``nodes`` nodes,
+    accepted by ``ddp.run(faults=...)``."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fault_plans(world_size={world_size!r}): must be an int >= 1")
     names = list(KINDS) if kinds is None else list(kinds)  # registration order: simplest first
     bad = [k for k in names if k not in KINDS]
     if bad:
         raise ValueError(f"fault_plans(kinds=...): unknown kind {bad[0]!r}; allowed: {', '.join(KINDS)}")
-    one = st.one_of(*(faults(k, world_size, triggers, ops) for k in names))
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 or world_size % nodes:
+        raise ValueError(f"fault_plans(nodes={nodes!r}): must be an int >= 1 that divides world_size={world_size}")
+    one = st.one_of(*(faults(k, world_size, triggers, ops, nodes) for k in names))
     # kinds that must not appear twice (one MASTER_PORT): unique by kind for those
     plans = st.lists(one, min_size=0, max_size=max_faults,
                      unique_by=lambda f: f.kind if f.definition.once_per_plan else id(f))
-    return plans.filter(lambda p: _valid(p, world_size)).map(FaultPlan)
+    return plans.filter(lambda p: _valid(p, world_size, nodes)).map(FaultPlan)
 
 
-def _valid(plan, world_size: int) -> bool:
+def _valid(plan, world_size: int, nodes: int = 1) -> bool:
     try:
-        validate_plan(plan, world_size)
+        validate_plan(plan, world_size, nodes)
     except FaultSpecError:
         return False   # a combination no plan may hold (e.g. port_collision with store_down)
     return True

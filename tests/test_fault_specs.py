@@ -35,6 +35,7 @@ class ModuleLevelError(Exception):
 # One spec per kind with every param given (canonical form), and one with none.
 FULL_SPECS = {
     "kill_rank": "kill_rank(rank=2, at=all_reduce#3, signal=SIGTERM)",
+    "kill_node": "kill_node(node=1, at=step#2, signal=SIGTERM)",
     "crash_rank": "crash_rank(rank=0, at=step#2, exc=ValueError, message='boom, (really); \"x\"')",
     "hang_rank": "hang_rank(rank=1, at=t=1.5, resume_after=2.0)",
     "delay": "delay(rank=0, at=send#1, seconds=0.25, every=true)",
@@ -164,6 +165,7 @@ def test_equality_and_hash():
 _POSITIVE = st.floats(min_value=0, exclude_min=True, allow_infinity=False)
 _VALUES = {
     "rank": st.integers(0, 63),
+    "node": st.integers(0, 63),
     "signal": st.sampled_from(list(signal.Signals)) | st.sampled_from(["SIGTERM", "usr1", "9"]),
     "exc": st.sampled_from(["RuntimeError", "KeyboardInterrupt", "torch.distributed.DistError",
                             ValueError, ModuleLevelError]),
@@ -377,10 +379,12 @@ def test_faulted_and_rank_faults():
 # --- kinds and capabilities -------------------------------------------------------------
 
 def test_capabilities():
-    assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "io_error", "kill_rank", "torn_save")
-    assert kinds_with("acts_in_rank") == ("crash_rank", "delay", "hang_rank", "io_error", "kill_rank",
-                                          "slow_io", "torn_save")
-    assert kinds_with("takes_rank") == kinds_with("acts_in_rank")
+    assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "io_error", "kill_node", "kill_rank",
+                                          "torn_save")
+    assert kinds_with("acts_in_rank") == ("crash_rank", "delay", "hang_rank", "io_error", "kill_node",
+                                          "kill_rank", "slow_io", "torn_save")
+    # kill_node counts in its node's first rank: it takes a node, not a rank
+    assert kinds_with("takes_rank") == tuple(k for k in kinds_with("acts_in_rank") if k != "kill_node")
     assert kinds_with("needs_proxy") == ("bandwidth", "blackhole", "block_port", "latency",
                                          "limit_data", "reset_peer", "slow_close")
     assert kinds_with("is_toxic") == tuple(k for k in kinds_with("needs_proxy") if k != "block_port")

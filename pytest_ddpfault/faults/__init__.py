@@ -26,7 +26,7 @@ from pytest_ddpfault.faults.base import (
 )
 from pytest_ddpfault.faults.params import Fuzz, Param
 from pytest_ddpfault.faults.spec import (
-    Fault, faulted_ranks, format_plan, parse_plan, rank_faults, split_spec, split_top_level, validate_plan,
+    Fault, check_nodes, faulted_ranks, format_plan, parse_plan, rank_faults, split_spec, split_top_level, validate_plan,
 )
 from pytest_ddpfault.faults.counter import TriggerCounter
 from pytest_ddpfault.faults.triggers import COLLECTIVE_OPS, KNOWN_OPS, STORAGE_FORMS, Trigger
@@ -36,6 +36,6 @@ FAULT_KIND_NAMES = kind_names()
 __all__ = [
     "CAPABILITIES", "COLLECTIVE_OPS", "FAULT_KIND_NAMES", "KINDS", "KNOWN_OPS", "Fault", "FaultKind",
     "FaultSpecError", "Fuzz", "HarnessSide", "InRank", "OnStorageCall", "Param", "RunAction", "RunControl",
-    "STORAGE_FORMS", "StorageCall", "Trigger", "TriggerCounter", "faulted_ranks", "format_plan", "kinds_with",
+    "STORAGE_FORMS", "StorageCall", "Trigger", "TriggerCounter", "check_nodes", "faulted_ranks", "format_plan", "kinds_with",
     "parse_plan", "rank_faults", "split_spec", "split_top_level", "storage_call", "validate_plan",
 ]

@@ -118,6 +118,23 @@ class FaultKind:
         """True when the fault fires on every counted call from its trigger on."""
         return False
 
+    def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
+        """Checks against the group (``world_size`` ranks on ``nodes`` nodes); raise FaultSpecError."""
+        if fault.rank is not None and fault.rank >= world_size:
+            raise FaultSpecError(f"rank {fault.rank} is outside the group (world_size={world_size}): "
+                                 f"allowed 0..{world_size - 1} (in fault spec {str(fault)!r})")
+
+    def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int | None:
+        """The rank its trigger counts in (default world_size-1); None for kinds without a rank."""
+        if not self.takes_rank:
+            return None
+        return world_size - 1 if fault.rank is None else fault.rank
+
+    def target_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+        """The ranks it hits that are not survivors (``targets_rank``)."""
+        rank = self.acting_rank(fault, world_size, nodes)
+        return frozenset({rank}) if self.targets_rank and rank is not None else frozenset()
+
     def __repr__(self) -> str:
         return f"<fault kind {self.name}({', '.join(self.keys)})>"
 

@@ -22,12 +22,12 @@ class TriggerCounter:
     """
 
     def __init__(self, faults: Any = (), *, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, nodes: int = 1) -> None:
         plan = parse_plan(faults)
         if rank is not None:
             if world_size is None:
                 raise TypeError("TriggerCounter(rank=...) needs world_size to resolve default ranks")
-            plan = rank_faults(plan, rank, world_size)
+            plan = rank_faults(plan, rank, world_size, nodes)
         self.faults = plan
         # Resolved once: record() runs on every op of the rank.
         triggers = [(i, f.resolved_at()) for i, f in enumerate(plan)]

@@ -6,6 +6,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
 
 RANK_AT = at_param("collective#1", "init", "op", "step", "time", "save", "load")
+NODE = Param("node", Number(int), None, "the node it acts on (default: the last node)")
+# How long the node's first rank waits for the harness to signal the whole node at once;
+# where no harness does (a plan outside ddp.run), the rank then signals itself.
+NODE_SIGNAL_WAIT = 10.0
 
 
 class _Targeting(InRank):
@@ -38,6 +43,42 @@ class KillRank(_Targeting):
         return {"kills_with": int(signal.Signals[fault.get("signal")])}
 
     def fire_in_rank(self, fault: Fault) -> None:
+        os.kill(os.getpid(), signal.Signals[fault.get("signal")])
+
+
+@register
+class KillNode(_Targeting):
+    name = "kill_node"
+    doc = ("every rank of the node gets `signal` at the same moment (a machine lost); "
+           "the trigger counts in the node's first rank")
+    params = (NODE, RANK_AT, Param("signal", SignalName(), "SIGKILL", "signal name or number",
+                                   Fuzz.of("SIGKILL", "SIGTERM")))
+
+    def _node(self, fault: Fault, nodes: int) -> int:
+        node = fault.get("node")
+        return nodes - 1 if node is None else node
+
+    def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
+        node = fault.get("node")
+        if node is not None and node >= nodes:
+            raise FaultSpecError(f"node {node} is outside the group (nodes={nodes}): allowed 0..{nodes - 1} "
+                                 f"(in fault spec {str(fault)!r})")
+
+    def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int:
+        return self._node(fault, nodes) * (world_size // nodes)
+
+    def target_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+        first = self.acting_rank(fault, world_size, nodes)
+        return frozenset(range(first, first + world_size // nodes))
+
+    def event_fields(self, fault: Fault) -> dict[str, Any]:
+        # sent by the node's first rank: the harness signals every rank of that rank's node at once
+        sig = int(signal.Signals[fault.get("signal")])
+        return {"signals_node": sig, "kills_with": sig}
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        # The harness signals this rank with the others of its node; wait for it (bounded).
+        threading.Event().wait(NODE_SIGNAL_WAIT)
         os.kill(os.getpid(), signal.Signals[fault.get("signal")])
 
 

@@ -19,7 +19,7 @@ from pytest_ddpfault.faults.base import KINDS, FaultKind, InRank, kind_named, ki
 from pytest_ddpfault.faults.params import Invalid
 from pytest_ddpfault.faults.triggers import Trigger
 
-__all__ = ["Fault", "faulted_ranks", "format_plan", "parse_plan", "rank_faults", "split_spec",
+__all__ = ["Fault", "check_nodes", "faulted_ranks", "format_plan", "parse_plan", "rank_faults", "split_spec",
            "split_top_level", "validate_plan"]
 
 class Fault:
@@ -99,18 +99,16 @@ class Fault:
     def resolved_at(self) -> Trigger | None:
         return self.get("at") if self.definition.takes_at else None
 
-    def resolved_rank(self, world_size: int) -> int | None:
-        """The rank it acts in (default world_size-1); None for kinds without a rank."""
-        if not self.definition.takes_rank:
-            return None
-        self.validate(world_size)
-        return world_size - 1 if self.rank is None else self.rank
+    def resolved_rank(self, world_size: int, nodes: int = 1) -> int | None:
+        """The rank it acts in (default world_size-1; for a node kind, the node's first
+        rank); None for kinds without a rank."""
+        self.validate(world_size, nodes)
+        return self.definition.acting_rank(self, world_size, nodes)
 
-    def validate(self, world_size: int) -> Fault:
+    def validate(self, world_size: int, nodes: int = 1) -> Fault:
         _check_world_size(world_size)
-        if self.rank is not None and self.rank >= world_size:
-            raise FaultSpecError(f"rank {self.rank} is outside the group (world_size={world_size}): "
-                                 f"allowed 0..{world_size - 1} (in fault spec {str(self)!r})")
+        check_nodes(nodes, world_size)
+        self.definition.check_group(self, world_size, nodes)
         return self
 
     def fire_in_rank(self) -> None:
@@ -142,6 +140,14 @@ class Fault:
 def _check_world_size(world_size: Any) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise FaultSpecError(f"world_size must be a whole number >= 1, got {world_size!r}")
+
+
+def check_nodes(nodes: Any, world_size: int) -> int:
+    """``nodes``: a whole number >= 1 that divides ``world_size``."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 or world_size % nodes:
+        raise FaultSpecError(f"nodes must be a whole number >= 1 that divides world_size={world_size}, "
+                             f"got {nodes!r}")
+    return nodes
 
 
 def split_top_level(text: str, sep: str, whole: str, strict: bool) -> list[str]:
@@ -244,12 +250,13 @@ def format_plan(faults: Any) -> str:
     return "; ".join(str(f) for f in parse_plan(faults))
 
 
-def validate_plan(faults: Any, world_size: int) -> tuple[Fault, ...]:
-    """Parse and check a plan against a group size; returns the plan."""
+def validate_plan(faults: Any, world_size: int, nodes: int = 1) -> tuple[Fault, ...]:
+    """Parse and check a plan against a group size (and its nodes); returns the plan."""
     plan = parse_plan(faults)
     _check_world_size(world_size)
+    check_nodes(nodes, world_size)
     for fault in plan:
-        fault.validate(world_size)
+        fault.validate(world_size, nodes)
     counts = Counter(f.kind for f in plan)
     for name, n in counts.items():
         if n > 1 and KINDS[name].once_per_plan:
@@ -266,13 +273,16 @@ def validate_plan(faults: Any, world_size: int) -> tuple[Fault, ...]:
     return plan
 
 
-def rank_faults(faults: Any, rank: int, world_size: int) -> tuple[Fault, ...]:
+def rank_faults(faults: Any, rank: int, world_size: int, nodes: int = 1) -> tuple[Fault, ...]:
     """The in-rank faults of a plan that act in ``rank``."""
     return tuple(f for f in parse_plan(faults)
-                 if f.definition.acts_in_rank and f.resolved_rank(world_size) == rank)
+                 if f.definition.acts_in_rank and f.resolved_rank(world_size, nodes) == rank)
 
 
-def faulted_ranks(faults: Any, world_size: int) -> frozenset[int]:
+def faulted_ranks(faults: Any, world_size: int, nodes: int = 1) -> frozenset[int]:
     """Ranks targeted by a kill, crash or hang fault (the rest are survivors)."""
-    return frozenset(f.resolved_rank(world_size) for f in parse_plan(faults)
-                     if f.definition.targets_rank)
+    out: set[int] = set()
+    for f in parse_plan(faults):
+        f.validate(world_size, nodes)
+        out |= f.definition.target_ranks(f, world_size, nodes)
+    return frozenset(out)

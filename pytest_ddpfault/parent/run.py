@@ -33,12 +33,13 @@ from pytest_ddpfault.ipc import EventInbox
 from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.parent.shipping import dumps_call
 from pytest_ddpfault.rank.bootstrap import ChildJob
+from pytest_ddpfault.rank.hooks import NODE_ADDR_ENV
 from pytest_ddpfault.errors import HarnessError, HarnessWarning
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.parent.reaping import CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, wait_for_stacks
 from pytest_ddpfault.rank.oplog import read_oplog
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault, ops_from_log
-from pytest_ddpfault.settings import check_timeout, check_world_size
+from pytest_ddpfault.settings import check_nodes, check_timeout, check_world_size, node_address
 
 # Before the run's clock starts: waiting for rank slots (other runs hold them), the
 # zygote's start and the store's, each inner wait also bounded by its own budget.
@@ -52,6 +53,7 @@ STORE_START_BUDGET = 60.0
 class RunConfig:
     world_size: int = 2
     faults: tuple = ()
+    nodes: int = 1             # virtual nodes: rank r lives on node r // (world_size // nodes)
     timeout: float = 60.0
     backend: str = "gloo"
     init: bool = False
@@ -66,7 +68,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_world_size(self.world_size, "RunConfig")
         check_timeout(self.timeout, "RunConfig")
-        object.__setattr__(self, "faults", _faults.validate_plan(self.faults, self.world_size))
+        check_nodes(self.nodes, self.world_size, "RunConfig")
+        object.__setattr__(self, "faults", _faults.validate_plan(self.faults, self.world_size, self.nodes))
+
+    @property
+    def per_node(self) -> int:
+        return self.world_size // self.nodes
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.per_node
 
 
 @dataclass
@@ -100,7 +110,7 @@ class GroupRun:
         self.store_proxy = None           # network.StoreProxy when the store is proxied
         self.ranks: list[_Proc] = []
         self.by_pid: dict[int, _Proc] = {}
-        self._fired: list[tuple] = []     # (kind, rank, trigger, monotonic time, spec, detail)
+        self._fired: list[tuple] = []     # (kind, rank, trigger, monotonic time, spec, detail, node)
         self.start = 0.0
         self.deadline = Deadline(float("inf"))
         self.master_port: int | None = None
@@ -152,10 +162,10 @@ class GroupRun:
         heapq.heappush(self._timers, (seconds_from_start, next(self._seq), callback))
 
     def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "",
-               when: float | None = None) -> None:
+               when: float | None = None, node: int | None = None) -> None:
         """Record a fired fault; one fired before the ranks exist counts as t=0."""
         when = time.monotonic() if when is None else when
-        self._fired.append((kind, rank, trigger, when, spec, detail))
+        self._fired.append((kind, rank, trigger, when, spec, detail, node))
 
     # -- what harness-side fault actions may do (faults.base.RunControl) --------------
     def host_store_in_rank0(self, port: int) -> None:
@@ -205,14 +215,18 @@ class GroupRun:
         return env
 
     def rank_env(self, rank: int) -> dict:
-        ws = self.config.world_size
+        ws, per_node, node = self.config.world_size, self.config.per_node, self.config.node_of(rank)
         env = self._base_env()
         env.update({
-            "RANK": str(rank), "WORLD_SIZE": str(ws), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(ws), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-            "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self.master_port),
+            "RANK": str(rank), "WORLD_SIZE": str(ws), "LOCAL_RANK": str(rank % per_node),
+            "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node), "GROUP_WORLD_SIZE": str(self.config.nodes),
+            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self.master_port),
             "TORCHELASTIC_RESTART_COUNT": "0",
         })
+        if self.config.nodes > 1:  # the node's own loopback address: its ranks' gloo devices bind to it
+            env[NODE_ADDR_ENV] = node_address(node)
+        else:
+            env.pop(NODE_ADDR_ENV, None)
         if self.use_agent_store:
             env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
         else:
@@ -231,7 +245,8 @@ class GroupRun:
         for rank in range(self.config.world_size):
             p = self._paths(f"rank{rank}")
             task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
-                            specs, p["result"], self.inbox.path, p["ops"] if self.config.oplog else "")
+                            specs, p["result"], self.inbox.path, p["ops"] if self.config.oplog else "",
+                            nodes=self.config.nodes)
             jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank.task:rank_main", pickle.dumps(task),
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
                                  p["out"], p["err"], p["stack"]))
@@ -277,15 +292,34 @@ class GroupRun:
         self._store_port = int(ev["port"])
 
     def _on_fault(self, ev: dict) -> None:
-        self.record(ev["kind"], ev.get("rank"), ev.get("trigger", ""), ev.get("spec", ""),
-                    ev.get("detail", ""), when=ev.get("time"))
         rank = ev.get("rank")
+        node = self.config.node_of(rank) if ev.get("signals_node") and rank is not None else None
+        self.record(ev["kind"], rank, ev.get("trigger", ""), ev.get("spec", ""),
+                    ev.get("detail", ""), when=ev.get("time"), node=node)
+        if node is not None:
+            self._signal_node(node, int(ev["signals_node"]))
         if ev.get("freezes") and rank is not None:
             self.ranks[rank].frozen = True
             resume = ev.get("resume_after")
             if resume:
                 self.ranks[rank].resumes = True
                 self.at(max(0.0, ev["time"] - self.start) + resume, lambda r=rank: self._resume(r))
+
+    def _signal_node(self, node: int, sig: int) -> None:
+        """Every rank of ``node`` gets ``sig`` at once (a node fault fired in its first rank).
+
+        The signals go out one after the other: all the node's ranks are stopped first, so
+        none of them runs on (sees a peer of its node die and raises) before its own signal
+        comes; a stopped rank gets a pending signal before it runs again on SIGCONT."""
+        per_node = self.config.per_node
+        procs = [p for p in self.ranks[node * per_node:(node + 1) * per_node] if p.exit is None]
+        for proc in procs:
+            self.launcher.signal(proc.pid, signal.SIGSTOP)
+        for proc in procs:
+            self.launcher.signal(proc.pid, sig)
+        if sig != signal.SIGSTOP:
+            for proc in procs:
+                self.launcher.signal(proc.pid, signal.SIGCONT)
 
     def _resume(self, rank: int) -> None:
         proc = self.ranks[rank]
@@ -350,9 +384,9 @@ class GroupRun:
     # -- results ----------------------------------------------------------------
     def _collect(self) -> GroupResult:
         results = [self._rank_result(p) for p in self.ranks]
-        faulted = _faults.faulted_ranks(self.plan, self.config.world_size)
-        events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail)
-                         for kind, rank, trigger, when, spec, detail in self._fired), key=lambda e: e.time)
+        faulted = _faults.faulted_ranks(self.plan, self.config.world_size, self.config.nodes)
+        events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail, node)
+                         for kind, rank, trigger, when, spec, detail, node in self._fired), key=lambda e: e.time)
         duration = round(time.monotonic() - self.start, 4)
         return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
                            self._unfired(events, results, duration))
@@ -364,7 +398,7 @@ class GroupRun:
         for f in self.plan:
             if str(f) in fired:
                 continue
-            rank = f.resolved_rank(self.config.world_size)
+            rank = f.resolved_rank(self.config.world_size, self.config.nodes)
             at = f.resolved_at()
             when = f"{at}" if at is not None else "its moment"
             if rank is not None and rank < len(results):
@@ -377,7 +411,7 @@ class GroupRun:
         return out
 
     def _rank_result(self, p: _Proc) -> RankResult:
-        r = RankResult(rank=p.rank, status="hung")
+        r = RankResult(rank=p.rank, status="hung", node=self.config.node_of(p.rank))
         r.stdout, r.stderr = read_tail(p.stdout_path), read_tail(p.stderr_path)
         end = p.exit.time if p.exit is not None else time.monotonic()
         record = ipc.read_file(p.result_path, ("result",)) if p.result_path else None
@@ -457,14 +491,15 @@ def _sys_path() -> list:
     return list(sys.path)
 
 
-def run_group(fn: Callable, *args, world_size: int = 2, faults=None, timeout: float = 60.0,
+def run_group(fn: Callable, *args, world_size: int = 2, nodes: int = 1, faults=None, timeout: float = 60.0,
               init: bool = False, backend: str = "gloo", proxy: bool = False,
               start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
               toxiproxy=None, oplog: bool = True, **kwargs) -> GroupResult:
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
     check_world_size(world_size, "run_group(world_size=...)")
     check_timeout(timeout, "run_group(timeout=...)")
-    config = RunConfig(world_size=world_size, faults=faults, timeout=timeout,
+    check_nodes(nodes, world_size, "run_group(nodes=...)")
+    config = RunConfig(world_size=world_size, nodes=nodes, faults=faults, timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
                        preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy, oplog=oplog)
     return GroupRun(fn, args, kwargs, config).run()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 import time
 
@@ -30,6 +31,9 @@ from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
 from pytest_ddpfault.rank import oplog
 
 _WRAPPED_BACKEND = "ddpfault_gloo"
+# The rank's virtual node's loopback address (ddp.run with nodes > 1): its gloo device binds
+# to it and advertises it to the peers.
+NODE_ADDR_ENV = "DDPFAULT_NODE_ADDR"
 # ProcessGroup method -> the torch.distributed op name a user knows it by.
 _PG_OPS = {
     "allreduce": "all_reduce", "allreduce_coalesced": "all_reduce_coalesced",
@@ -77,9 +81,10 @@ def unwrap(owners, name: str, wrapper) -> None:
 class FaultFirer:
     """Counts this rank's calls and fires the faults that come due."""
 
-    def __init__(self, plan, rank: int, world_size: int, events, started: float, oplog=None) -> None:
+    def __init__(self, plan, rank: int, world_size: int, events, started: float, oplog=None,
+                 nodes: int = 1) -> None:
         self.rank = rank
-        self.counter = TriggerCounter(plan, rank=rank, world_size=world_size)
+        self.counter = TriggerCounter(plan, rank=rank, world_size=world_size, nodes=nodes)
         self.events = events
         self.started = started
         self.main_thread = threading.main_thread().ident
@@ -246,7 +251,14 @@ def _make_process_group_class(firer: FaultFirer):
 
         def __init__(self, store, rank, size, timeout):
             super().__init__(rank, size)
-            self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
+            address = os.environ.get(NODE_ADDR_ENV)
+            if address:  # the node's own address: bound to, and advertised to the peers
+                options = ProcessGroupGloo._Options()
+                options._timeout = timeout
+                options._devices = [ProcessGroupGloo.create_device(hostname=address)]
+                self.inner = ProcessGroupGloo(store, rank, size, options)
+            else:
+                self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
             # what torch looks up by device (DDP's logger, ops not overridden here)
             self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.inner)
             if hasattr(self, "_set_default_backend"):  # torch >= 2.3; 2.2 has no default backend
@@ -382,7 +394,7 @@ def _start_timer(firer: FaultFirer) -> None:
 
 
 def install_plan(plan, rank: int, world_size: int, events, started: float | None = None,
-                 count_without_faults: bool = False, oplog=None) -> FaultFirer:
+                 count_without_faults: bool = False, oplog=None, nodes: int = 1) -> FaultFirer:
     """Install the plan's in-rank faults for ``rank`` in this process (and count its calls
     even when none is for this rank, with ``count_without_faults`` or an ``oplog``, the
     ``rank/oplog.OpLog`` every counted call is written to)."""
@@ -390,7 +402,7 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
     from torch.distributed import distributed_c10d as c10d
 
     firer = FaultFirer(plan, rank, world_size, events, time.monotonic() if started is None else started,
-                       oplog=oplog)
+                       oplog=oplog, nodes=nodes)
     if not firer.counter.faults and not count_without_faults and oplog is None:
         return firer
     _install_backend(firer)

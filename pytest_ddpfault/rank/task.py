@@ -32,6 +32,7 @@ class RankTask:
     result_path: str
     events_path: str
     oplog_path: str = ""      # where the rank logs its ops (rank/oplog.py); "" = no log
+    nodes: int = 1            # virtual nodes: with more than one, the wrapped gloo binds to the node's address
 
 
 def exception_record(exc: BaseException) -> dict:
@@ -80,9 +81,12 @@ def rank_main(job) -> int:
     events = EventSink(task.events_path)
     release_the_gil_around_destroy()
     firer = None
-    if task.faults or task.oplog_path:  # with the log on, every rank counts and logs its calls
+    # with the log on, every rank counts and logs its calls; with nodes, the wrapped gloo
+    # binds each rank's device to its node's address
+    if task.faults or task.oplog_path or task.nodes > 1:
         log = OpLog(task.oplog_path) if task.oplog_path else None
-        firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log)
+        firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log,
+                             nodes=task.nodes, count_without_faults=task.nodes > 1)
     try:
         value = _call_user(task)
     except SystemExit as exc:  # the user's own exit: the process exits, no result
