@@ -49,6 +49,16 @@ def test_kill_rank_in_ddp_training(ddp):
     res.assert_survivors_raised(RuntimeError, match="peer|Read error", within=5)
 
 
+@pytest.mark.ddp(world_size=4, nodes=2, fault="kill_node(node=1, at=step#2)")
+def test_kill_node_in_ddp_training(ddp):
+    res = ddp.run(train)
+    # both ranks of node 1 die of SIGKILL at the same moment (a machine lost)
+    assert res[2].killed_by(signal.SIGKILL) and res[3].killed_by(signal.SIGKILL)
+    assert [r.node for r in res.faulted] == [1, 1]
+    # like kill_rank, for a whole node: survivors raise at once ("Connection closed by peer")
+    res.assert_survivors_raised(RuntimeError, match="peer|Read error", within=5)
+
+
 @pytest.mark.ddp(world_size=2, fault="crash_rank(rank=1, exc=ValueError, message='bad batch')")
 def test_crash_rank(ddp):
     res = ddp.run(allreduce_once)

@@ -330,14 +330,10 @@ class GroupResult:
 
     # -- text -----------------------------------------------------------------
     def summary(self) -> str:
-        if any(r.node for r in self.ranks):  # nodes > 1: which node each rank ran on
-            lines = _table([("rank", "node", "status", "time", "what happened")] +
-                           [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", str(r.node), r.status,
-                             _seconds(r.duration), r.detail()) for r in self.ranks])
-        else:
-            lines = _table([("rank", "status", "time", "what happened")] +
-                           [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", r.status,
-                             _seconds(r.duration), r.detail()) for r in self.ranks])
+        nodes = any(r.node for r in self.ranks)  # nodes > 1: a column of the node each rank ran on
+        lines = _table([("rank", *(("node",) if nodes else ()), "status", "time", "what happened")] +
+                       [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", *((str(r.node),) if nodes else ()),
+                         r.status, _seconds(r.duration), r.detail()) for r in self.ranks])
         if self.faulted_ranks:
             lines.append("(* = targeted by a kill, crash or hang fault)")
         return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired))

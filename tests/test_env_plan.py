@@ -78,6 +78,8 @@ def test_only_in_rank_kinds_can_come_from_the_environment():
     with pytest.raises(EnvPlanError, match="store_down is applied by the ddp.run harness.*"
                                            "in-rank kinds are: crash_rank, delay, hang_rank, io_error, kill_rank, slow_io, torn_save"):
         validate_env_plan("store_down(at=t=1.0)")
+    with pytest.raises(EnvPlanError, match="kill_node is applied by the ddp.run harness"):
+        validate_env_plan("kill_node(node=0)")  # the harness signals the node's ranks together
     with pytest.raises(EnvPlanError, match="resume_after.*nothing resumes"):
         validate_env_plan("hang_rank(resume_after=1.0)")
     with pytest.raises(FaultSpecError, match="rank 3 is outside the group \\(world_size=2\\)"):

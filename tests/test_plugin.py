@@ -80,6 +80,8 @@ BAD_MARKERS = {
     "unknown_kind": ('world_size=4, fault="kil_rank"', "'kil_rank'"),
     "unparsable": ('world_size=4, fault="kill_rank(rank="', "'kill_rank(rank='"),
     "rank_outside": ('world_size=4, fault="kill_rank(rank=4)"', "rank 4"),
+    "nodes_not_dividing": ("world_size=4, nodes=3", "nodes 3"),
+    "node_outside": ('world_size=4, nodes=2, fault="kill_node(node=2)"', "node 2 is outside"),
 }
 
 

@@ -39,7 +39,8 @@ __all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "OnSto
 
 KINDS: dict[str, FaultKind] = {}
 CAPABILITIES = ("acts_in_rank", "targets_rank", "harness_side", "needs_proxy", "before_ranks",
-                "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank", "acts_on_storage")
+                "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank", "acts_on_storage",
+                "needs_harness")
 
 
 def register(cls: type[FaultKind]) -> type[FaultKind]:
@@ -62,6 +63,7 @@ class FaultKind:
     before_ranks: ClassVar[bool] = False       # set up before any rank starts (rank 0 hosts the store)
     needs_proxy: ClassVar[bool] = False        # the store traffic must go through Toxiproxy
     once_per_plan: ClassVar[bool] = False      # two in one plan would clash
+    needs_harness: ClassVar[bool] = False      # fires in a rank, and the ddp.run harness completes it
     toxic_type: ClassVar[str | None] = None    # the Toxiproxy toxic it adds, if any
 
     @property

@@ -51,6 +51,7 @@ class KillNode(_Targeting):
     name = "kill_node"
     doc = ("every rank of the node gets `signal` at the same moment (a machine lost); "
            "the trigger counts in the node's first rank")
+    needs_harness = True   # the harness signals the node's ranks: not from DDPFAULT_PLAN
     params = (NODE, RANK_AT, Param("signal", SignalName(), "SIGKILL", "signal name or number",
                                    Fuzz.of("SIGKILL", "SIGTERM")))
 

@@ -134,10 +134,10 @@ def format_env_plan(plan: Any) -> str:
 def validate_env_plan(plan: Any, world_size: int | None = None) -> tuple[ScopedFault, ...]:
     """Parse, and check that every fault can act from inside a process (and fits the group)."""
     scoped = parse_env_plan(plan)
-    in_rank = ", ".join(_faults.kinds_with("acts_in_rank"))
+    in_rank = ", ".join(k for k in _faults.kinds_with("acts_in_rank") if not _faults.KINDS[k].needs_harness)
     for item in scoped:
         fault = item.fault
-        if not fault.definition.acts_in_rank:
+        if not fault.definition.acts_in_rank or fault.definition.needs_harness:
             raise EnvPlanError(f"{fault.kind} is applied by the ddp.run harness and cannot come from "
                                f"{ENV_PLAN} (in fault spec {str(item)!r}); in-rank kinds are: {in_rank}")
         if "resume_after" in fault.definition.keys and fault.get("resume_after") is not None:
