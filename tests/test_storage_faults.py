@@ -184,7 +184,9 @@ def test_torn_dcp_save_has_no_metadata_and_dcp_load_says_so(ddp, tmp_path):
     assert res[0].raised(RuntimeError, match=CLOSED)                 # rank 0 learns at the gather
     assert ".metadata" not in os.listdir(d)
     assert os.path.getsize(os.path.join(d, "__1_0.distcp")) > 0      # some of rank 1's bytes
-    with pytest.raises(dcp.api.CheckpointException, match="No such file or directory: .*metadata"):
+    # torch 2.13 names the missing file; torch 2.9 fails its assertion that metadata was read
+    with pytest.raises(dcp.api.CheckpointException,
+                       match=r"No such file or directory: .*metadata|assert metadata is not None"):
         dcp_load_here(d)
 
 

@@ -188,10 +188,17 @@ def _work_state(work) -> int | None:
     gloo completes a work's future (which DDP's Reducer waits on) a moment before the work
     itself says it is completed: the future is asked too."""
     try:
-        if work.is_completed():
+        completed = work.is_completed()
+    except Exception:  # a work torch no longer knows
+        return None
+    if completed:
+        try:
             return oplog.FAILED if work.exception() is not None else oplog.DONE
+        except Exception:  # older torch (2.9) has no exception() for these works: it completed
+            return oplog.DONE if getattr(work, "is_success", lambda: True)() else oplog.FAILED
+    try:
         future = work.get_future()
-    except Exception:  # a work torch no longer knows, or one without a future
+    except Exception:  # a work without a future
         return None
     if not future.done():
         return None
