@@ -196,6 +196,10 @@ def allreduce_steps(n=3, timeout_s=None):
     import pytest_ddpfault
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
+    # init can return in one rank while gloo still connects another's pairs: a node lost
+    # then leaves the others in connectFullMesh until gloo's connect timeout. The barrier
+    # is where every rank knows the mesh is complete (it counts as no all_reduce or step).
+    dist.barrier()
     t = torch.ones(1)
     for _ in range(n):
         pytest_ddpfault.step()
@@ -204,9 +208,9 @@ def allreduce_steps(n=3, timeout_s=None):
     return t.item()
 
 
-@pytest.mark.parametrize("at", ["all_reduce#1", "step#2", "init", "t=0.3"])
+@pytest.mark.parametrize("at", ["all_reduce#1", "step#2", "init", "t=1.0"])
 def test_kill_node_kills_every_rank_of_the_node_together(at):
-    fn, kwargs = (_wait_then_allreduce, {}) if at == "t=0.3" else (allreduce_steps, {"timeout_s": 3})
+    fn, kwargs = (_wait_then_allreduce, {}) if at == "t=1.0" else (allreduce_steps, {"timeout_s": 3})
     res = run_group(fn, world_size=4, nodes=2, faults=f"kill_node(node=1, at={at})", timeout=60, **kwargs)
     assert [r.status for r in res] == ["raised", "raised", "killed", "killed"], res.summary()
     assert res[2].killed_by(signal.SIGKILL) and res[3].killed_by(signal.SIGKILL)
@@ -233,8 +237,9 @@ def _wait_then_allreduce():
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    dist.barrier()  # the mesh is complete everywhere before node 1 is lost
     t = torch.ones(1)
-    end = time.monotonic() + 20  # node 1's ranks die at t=0.3 s, mid-loop; the others fail then
+    end = time.monotonic() + 20  # node 1's ranks die at t=1.0 s, mid-loop; the others fail then
     while time.monotonic() < end:
         dist.all_reduce(t)
     dist.destroy_process_group()
