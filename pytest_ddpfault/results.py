@@ -123,11 +123,15 @@ class FaultEvent:
     spec: str = ""
     detail: str = ""
     node: int | None = None  # the node it hit, for a fault on a whole node (kill_node)
+    scope: tuple = ()        # a scoped network fault: the ranks whose links to all others it acts on
 
     def __str__(self) -> str:
         where = f"rank {self.rank}" if self.rank is not None else "the group"
         if self.node is not None:
             where = f"node {self.node} (from rank {self.rank})" if self.rank is not None else f"node {self.node}"
+        if self.scope:
+            cut = f"the links of rank{'s' if len(self.scope) > 1 else ''} {', '.join(map(str, self.scope))}"
+            where = f"{cut} (from rank {self.rank})" if self.rank is not None else cut
         extra = f" ({self.detail})" if self.detail else ""
         return f"{self.kind} on {where} at {self.trigger}, t={self.time:.2f}s{extra}"
 

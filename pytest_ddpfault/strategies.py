@@ -90,6 +90,11 @@ def _drawn(param: Param, kind: str) -> st.SearchStrategy:
     return st.integers(int(fuzz.lo), int(fuzz.hi))
 
 
+def _some_of(n: int) -> st.SearchStrategy[tuple[int, ...]]:
+    """1..n-1 of the indexes 0..n-1; shrinks toward one, the lowest."""
+    return st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1).map(lambda s: tuple(sorted(s)))
+
+
 def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | None = None,
            ops=DEFAULT_OPS, nodes: int = 1) -> st.SearchStrategy[Fault]:
     """Valid faults of one kind for ``world_size`` ranks on ``nodes`` nodes."""
@@ -97,11 +102,16 @@ def faults(kind: str, world_size: int, trigger_strategy: st.SearchStrategy | Non
         raise ValueError(f"faults(kind={kind!r}): unknown kind; allowed: {', '.join(sorted(KINDS))}")
     definition = KINDS[kind]
     optional = {p.name: _drawn(p, kind) for p in definition.params
-                if p.name not in ("rank", "node", "at") and (p.fuzz is None or p.fuzz.drawn)}
+                if p.name not in ("rank", "node", "ranks", "nodes", "at") and (p.fuzz is None or p.fuzz.drawn)}
     if definition.takes_rank:
         optional["rank"] = st.integers(0, world_size - 1)
     if "node" in definition.keys:
         optional["node"] = st.integers(0, nodes - 1)
+    # a scope: some ranks or nodes, never all (a cut needs two sides)
+    if "ranks" in definition.keys and world_size > 1:
+        optional["ranks"] = _some_of(world_size)
+    if "nodes" in definition.keys and nodes > 1:
+        optional["nodes"] = _some_of(nodes)
     if definition.takes_at:
         allowed = definition.trigger_forms
         # a kind that also takes save#N/load#N draws them only when asked (a loop may never

@@ -51,6 +51,7 @@ FULL_SPECS = {
     "reset_peer": "reset_peer(timeout=50, toxicity=0.25)",
     "slow_close": "slow_close(delay=300)",
     "limit_data": "limit_data(bytes=1024, duration=0.1)",
+    "partition": "partition(ranks=(2, 3), rank=3, at=step#3, mode=reject, duration=1.5)",
 }
 
 
@@ -181,7 +182,10 @@ _VALUES = {
     "jitter": st.integers(0, 10**6), "rate": st.integers(0, 10**9), "delay": st.integers(0, 10**6),
     "bytes": st.integers(0, 2**40),
     "fraction": st.floats(0, 1), "errno": st.sampled_from(["ENOSPC", "eio", "EROFS", "EDQUOT"]),
+    "ranks": st.sets(st.integers(0, 64), min_size=1).map(tuple) | st.integers(0, 64) | st.just("(2, 3)"),
+    "nodes": st.sets(st.integers(0, 8), min_size=1).map(sorted) | st.just("(1,)"),
 }
+_KIND_VALUES = {("partition", "mode"): st.sampled_from(["drop", "reject", "DROP"])}
 
 
 def _triggers(forms):
@@ -202,9 +206,22 @@ def faults(draw):
     params = {}
     for key in kind.keys:
         if draw(st.booleans()):
-            params[key] = draw(_triggers(kind.trigger_forms) if key == "at" else _VALUES[key])
+            values = _KIND_VALUES.get((kind.name, key), _VALUES.get(key))
+            params[key] = draw(_triggers(kind.trigger_forms) if key == "at" else values)
     if "exc" in params and "code" in params:  # crash_rank takes one of them
         del params[draw(st.sampled_from(["exc", "code"]))]
+    if "ranks" in kind.keys:  # a network kind: a scope (one of two) decides what else it takes
+        if "ranks" in params and "nodes" in params:
+            del params[draw(st.sampled_from(["ranks", "nodes"]))]
+        in_rank = "at" in params and Trigger.parse(params["at"]).kind in ("op", "step")
+        if "ranks" in params or "nodes" in params:
+            params.pop("stream", None)
+            if not in_rank:
+                params.pop("rank", None)
+        else:
+            params.pop("rank", None)
+            if in_rank:
+                del params["at"]
     return Fault(kind.name, **params)
 
 
@@ -233,7 +250,7 @@ def test_every_plan_round_trips(plan):
                           "kinds: bandwidth, blackhole", "in fault spec 'kil_rank(rank=1)'"]),
     ("kill_rank(sig=9)", ["kill_rank does not take 'sig'", "did you mean 'signal'?",
                           "kill_rank takes: rank, at, signal"]),
-    ("latency(jiter=3)", ["did you mean 'jitter'?", "latency takes: at, latency, jitter, stream"]),
+    ("latency(jiter=3)", ["did you mean 'jitter'?", "latency takes: ranks, nodes, rank, at, latency, jitter, stream"]),
     ("kill_rank(rank=two)", ["bad value in 'rank=two'", "expected a whole number >= 0"]),
     ("kill_rank(rank=1.5)", ["bad value in 'rank=1.5'", "expected a whole number >= 0"]),
     ("delay(seconds=fast)", ["bad value in 'seconds=fast'", "a number of seconds >= 0"]),
@@ -253,11 +270,18 @@ def test_every_plan_round_trips(plan):
     ("port_collision(rank=1)", ["port_collision takes no rank", "remove 'rank=1'",
                                 "port_collision takes: mode, hold_for"]),
     ("store_down(rank=0)", ["store_down takes no rank", "remove 'rank=0'"]),
-    ("latency(rank=0)", ["latency takes no rank", "proxy carries the store traffic of every rank"]),
+    ("latency(rank=0)", ["rank= names the rank that counts an in-rank trigger of a scoped fault",
+                         "the fault acts on the store proxy, which carries every rank's store traffic"]),
     ("port_collision(at=t=1)", ["port_collision takes no at", "before the ranks start",
                                 "remove 'at=t=1'", "hold_for"]),
     ("store_down(at=all_reduce#1)", ["store_down: bad value in 'at=all_reduce#1'", "expected t=SECONDS"]),
-    ("block_port(at=step#1)", ["bad value in 'at=step#1'", "expected init or t=SECONDS"]),
+    ("block_port(at=step#1)", ["an in-rank trigger (at=step#1) needs a scope, ranks=(...) or nodes=(...)",
+                               "use at=init or at=t=SECONDS"]),
+    ("partition(ranks=(1,), nodes=(1,))", ["give ranks= or nodes=, not both"]),
+    ("latency(ranks=(1,), stream=upstream)", ["acts on each link both ways", "remove it"]),
+    ("partition(ranks=(1,), rank=0)", ["rank= names the rank that counts an in-rank trigger (step#N, OP#N)"]),
+    ("partition(ranks=(a,))", ["bad value in 'ranks=(a,)'", "expected a tuple of rank indexes such as (1,)"]),
+    ("partition(mode=drp)", ["bad value in 'mode=drp'", "did you mean 'drop'?"]),
     ("delay(at=t=1)", ["bad value in 'at=t=1'", "expected init or OP or OP#N"]),
     ("kill_rank(at=t=-1)", ["bad trigger 't=-1'", "SECONDS must be a number >= 0"]),
     ("kill_rank(at=t=soon)", ["bad trigger 't=soon'", "e.g. t=1.5"]),
@@ -379,17 +403,20 @@ def test_faulted_and_rank_faults():
 # --- kinds and capabilities -------------------------------------------------------------
 
 def test_capabilities():
+    network = ("bandwidth", "blackhole", "block_port", "latency", "limit_data", "partition", "reset_peer",
+               "slow_close")
     assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "io_error", "kill_node", "kill_rank",
                                           "torn_save")
-    assert kinds_with("acts_in_rank") == ("crash_rank", "delay", "hang_rank", "io_error", "kill_node",
-                                          "kill_rank", "slow_io", "torn_save")
+    # network kinds act in a rank too: a scoped one with an in-rank trigger (the harness does the rest)
+    assert kinds_with("acts_in_rank") == tuple(sorted(("crash_rank", "delay", "hang_rank", "io_error", "kill_node",
+                                                       "kill_rank", "slow_io", "torn_save", *network)))
+    assert kinds_with("needs_harness") == tuple(sorted(("kill_node", *network)))
     # kill_node counts in its node's first rank: it takes a node, not a rank
     assert kinds_with("takes_rank") == tuple(k for k in kinds_with("acts_in_rank") if k != "kill_node")
-    assert kinds_with("needs_proxy") == ("bandwidth", "blackhole", "block_port", "latency",
-                                         "limit_data", "reset_peer", "slow_close")
-    assert kinds_with("is_toxic") == tuple(k for k in kinds_with("needs_proxy") if k != "block_port")
+    assert kinds_with("needs_proxy") == network
+    assert kinds_with("is_toxic") == tuple(k for k in network if k not in ("block_port", "partition"))
     assert kinds_with("before_ranks") == ("port_collision",)
-    assert set(kinds_with("harness_side")) == set(FAULT_KIND_NAMES) - set(kinds_with("acts_in_rank"))
+    assert set(kinds_with("harness_side")) == set(FAULT_KIND_NAMES) - set(kinds_with("acts_in_rank")) | set(network)
     assert "port_collision" not in kinds_with("takes_at")
     for cap in CAPABILITIES:
         assert set(kinds_with(cap)) <= set(FAULT_KIND_NAMES)
@@ -403,7 +430,7 @@ def test_trigger_forms_and_defaults_per_kind():
     assert KINDS["torn_save"].trigger_forms == {"save"}
     assert KINDS["io_error"].trigger_forms == KINDS["slow_io"].trigger_forms == {"save", "load"}
     assert KINDS["store_down"].trigger_forms == {"time"}
-    assert KINDS["blackhole"].trigger_forms == {"init", "time"}
+    assert KINDS["blackhole"].trigger_forms == {"init", "time", "op", "step"}  # op, step: with a scope
     assert KINDS["port_collision"].trigger_forms == frozenset()
     assert str(KINDS["crash_rank"].default_at) == "collective#1"
     assert KINDS["port_collision"].default_at is None

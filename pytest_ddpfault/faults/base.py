@@ -132,6 +132,14 @@ class FaultKind:
             return None
         return world_size - 1 if fault.rank is None else fault.rank
 
+    def proxies_store(self, fault: Fault) -> bool:
+        """Whether it needs the run's store traffic to go through a Toxiproxy proxy."""
+        return self.needs_proxy
+
+    def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+        """The ranks on one side of the cut whose links it acts on (empty: no links)."""
+        return frozenset()
+
     def target_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
         """The ranks it hits that are not survivors (``targets_rank``)."""
         rank = self.acting_rank(fault, world_size, nodes)
@@ -205,6 +213,7 @@ class RunControl(Protocol):
     """What one run offers the harness-side actions (``parent.run.GroupRun`` has these)."""
 
     store_proxy: Any        # the run's store proxy (toxiproxy client side), when it has one
+    link_proxies: Any       # links.LinkProxies: the data plane's proxies, when a fault is scoped
 
     def at(self, seconds_from_start: float, callback) -> None: ...
     def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "") -> None: ...
@@ -226,6 +235,9 @@ class RunAction:
 
     def after_ranks(self) -> None:
         """The ranks exist: the run's clock has started (schedule with ``run.at``)."""
+
+    def fired_in_rank(self, seconds_from_start: float) -> None:
+        """Its rank reported that it fired there (an in-rank trigger) at that time."""
 
     def cleanup(self) -> None:
         """Always called, also when the run failed."""

@@ -1,101 +1,290 @@
-"""Network faults on the store's path, through a Toxiproxy proxy in front of the store:
-``block_port`` (the proxy disabled) and one kind per Toxiproxy toxic.
+"""Network faults through Toxiproxy: ``block_port`` (the proxy disabled), ``partition``
+(nothing gets through, held back or refused) and one kind per Toxiproxy toxic.
 
-Applied at ``init`` (before the ranks start) or at ``t=S``, removed after ``duration``.
-The run's ``store_proxy`` is the client side (``toxiproxy.client.StoreProxy``): it
-speaks to the embedded server or a real one alike, and no request of it outlives the run's
-deadline.
+Without a scope they act on the store's path: the run's store proxy
+(``toxiproxy.client.StoreProxy``). With ``ranks=(...)`` or ``nodes=(...)`` they act on
+the gloo data plane: on every rank-to-rank link between that set and the ranks outside
+it, both ways, through one Toxiproxy proxy per such link (``links.LinkProxies``, made by
+the harness before the ranks start; the ranks route their gloo connections through them).
+
+When: ``at=init`` (in place before the ranks start) or ``at=t=S`` (the harness, on the
+run's clock); a scoped fault also takes an in-rank trigger (``step#N``, ``OP#N``): the
+counting rank (``rank=``, else the lowest of the set) puts it in place itself before that
+call proceeds. ``duration=S`` removes it S seconds after it came (the harness does).
 """
 from __future__ import annotations
 
+import zlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pytest_ddpfault.faults.base import HarnessSide, RunAction, RunControl, register
-from pytest_ddpfault.faults.params import DURATION, MS, STREAM, TOXICITY, Fuzz, Number, Param, at_param
+from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults.base import (
+    HarnessSide,
+    InRank,
+    RunAction,
+    RunControl,
+    register,
+)
+from pytest_ddpfault.faults.params import (
+    DURATION,
+    MS,
+    RANK,
+    STREAM,
+    TOXICITY,
+    Choice,
+    Fuzz,
+    IndexSet,
+    Number,
+    Param,
+    at_param,
+)
 
 if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
 
-NET_AT = at_param("init", "init", "time")
+NET_AT = at_param("init", "init", "time", "op", "step")
+IN_RANK_FORMS = frozenset({"op", "step"})
+SCOPE = (Param("ranks", IndexSet("rank"), None, "act on the links between these ranks and all others"),
+         Param("nodes", IndexSet("node"), None, "act on the links between these nodes' ranks and all others"))
+SCOPED_RANK = Param("rank", RANK.type, None, "the rank that counts an in-rank trigger (default: the set's lowest)")
+# partition(mode=drop) holds the bytes back with a latency toxic longer than any run: when
+# it is removed, Toxiproxy (and the embedded server) deliver what it held, none lost.
+HOLD_MS = 24 * 3600 * 1000
+BOTH_STREAMS = ("upstream", "downstream")
 
 
-class OnStoreProxy(RunAction):
-    """Applied at ``init`` or ``t=S`` to the run's store proxy; removed after ``duration``."""
+def scope_of(fault: Fault) -> tuple[str, tuple[int, ...]] | None:
+    """``("ranks", (...))`` or ``("nodes", (...))`` for a scoped fault, else None."""
+    for key in ("ranks", "nodes"):
+        if key in fault.definition.keys and fault.get(key) is not None:
+            return key, fault.get(key)
+    return None
+
+
+def in_rank_trigger(fault: Fault) -> bool:
+    at = fault.resolved_at()
+    return at is not None and at.kind in IN_RANK_FORMS
+
+
+class OnProxies(RunAction):
+    """Applied at ``init`` or ``t=S`` by the harness, or in the counting rank (which tells the
+    harness); removed ``duration`` seconds after it came, by the harness."""
+
+    def proxies(self) -> list:
+        if scope_of(self.fault) is None:
+            return [self.run.store_proxy]
+        return self.run.link_proxies.of_fault(self.fault)
 
     def before_launch(self) -> None:
         at = self.fault.resolved_at()
         if at is None or at.kind == "init":
-            self._apply(trigger="init")
+            self._apply(trigger="init", start=0.0)
 
     def after_ranks(self) -> None:
         at = self.fault.resolved_at()
         if at is not None and at.kind == "time":
-            self.run.at(at.seconds, lambda: self._apply(trigger=str(at)))
+            self.run.at(at.seconds, lambda: self._apply(trigger=str(at), start=at.seconds))
 
-    def _apply(self, trigger: str) -> None:
-        proxy = self.run.store_proxy
-        self.fault.definition.apply(self, proxy)
-        self.fire(detail=f"proxy {proxy.name}", trigger=trigger)
+    def fired_in_rank(self, seconds_from_start: float) -> None:
+        """The counting rank put it in place at that time (an in-rank trigger)."""
+        self._remove_after(seconds_from_start)
+
+    def _apply(self, trigger: str, start: float) -> None:
+        proxies = self.proxies()
+        for proxy in proxies:
+            self.fault.definition.apply(self.fault, proxy)
+        self.fire(detail=self.fault.definition.where(self.fault, proxies), trigger=trigger)
+        self._remove_after(start)
+
+    def _remove_after(self, start: float) -> None:
         duration = self.fault.get("duration")
         if duration:
-            start = 0.0 if trigger == "init" else self.fault.resolved_at().seconds
-            self.run.at(start + duration, lambda: self._remove(proxy))
+            self.run.at(start + duration, self._remove)
 
-    def _remove(self, proxy) -> None:
-        self.fault.definition.remove(self, proxy)
+    def _remove(self) -> None:
+        for proxy in self.proxies():
+            self.fault.definition.remove(self.fault, proxy)
         self.fire(detail="removed", trigger=f"duration={self.fault.get('duration')}")
 
 
-class _Network(HarnessSide):
+class _Network(HarnessSide, InRank):
     needs_proxy = True
-    refused = {"rank": "the proxy carries the store traffic of every rank"}
+    needs_harness = True   # the harness makes the proxies; a plan in DDPFAULT_PLAN has none
+    refused: ClassVar[Mapping[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = (*SCOPE, SCOPED_RANK, NET_AT, *cls.own_params(), DURATION)
+
+    @classmethod
+    def own_params(cls) -> tuple[Param, ...]:
+        return ()
+
+    # -- the spec ----------------------------------------------------------------
+    def check(self, values: Mapping[str, Any]) -> None:
+        scoped = [k for k in ("ranks", "nodes") if k in values]
+        at = values.get("at")
+        if len(scoped) == 2:
+            raise FaultSpecError(f"{self.name}: give ranks= or nodes=, not both")
+        if not scoped:
+            if at is not None and at.kind in IN_RANK_FORMS:
+                raise FaultSpecError(f"{self.name}: an in-rank trigger (at={at}) needs a scope, ranks=(...) or "
+                                     f"nodes=(...); on the store's path use at=init or at=t=SECONDS")
+            if "rank" in values:
+                raise FaultSpecError(f"{self.name}: rank= names the rank that counts an in-rank trigger of a "
+                                     f"scoped fault; without ranks= or nodes= the fault acts on the store proxy, "
+                                     f"which carries every rank's store traffic")
+        elif "rank" in values and (at is None or at.kind not in IN_RANK_FORMS):
+            raise FaultSpecError(f"{self.name}: rank= names the rank that counts an in-rank trigger "
+                                 f"(step#N, OP#N); at={at or 'init'} is the harness's")
+
+    def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
+        super().check_group(fault, world_size, nodes)
+        scope = scope_of(fault)
+        if scope is None:
+            return
+        key, items = scope
+        size = world_size if key == "ranks" else nodes
+        outside = [i for i in items if i >= size]
+        if outside:
+            raise FaultSpecError(f"{key}={items} names {key[:-1]} {outside[0]}, outside the group ({key[:-1]}s "
+                                 f"0..{size - 1}) (in fault spec {str(fault)!r})")
+        if len(self.scope_ranks(fault, world_size, nodes)) == world_size:
+            raise FaultSpecError(f"{key}={items} holds every rank: no link crosses from it to another rank; "
+                                 f"leave some out (in fault spec {str(fault)!r})")
+
+    def proxies_store(self, fault: Fault) -> bool:
+        return scope_of(fault) is None
+
+    def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+        """The ranks on the faulted side of the cut (empty for the store's path)."""
+        scope = scope_of(fault)
+        if scope is None:
+            return frozenset()
+        key, items = scope
+        if key == "ranks":
+            return frozenset(items)
+        per_node = world_size // nodes
+        return frozenset(r for n in items for r in range(n * per_node, (n + 1) * per_node))
+
+    def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int | None:
+        if not in_rank_trigger(fault):
+            return None  # the harness puts it in place
+        rank = fault.get("rank")
+        return min(self.scope_ranks(fault, world_size, nodes)) if rank is None else rank
+
+    # -- the action ----------------------------------------------------------------
     def action(self, fault: Fault, run: RunControl) -> RunAction:
-        return OnStoreProxy(fault, run)
+        return OnProxies(fault, run)
 
-    def apply(self, action: RunAction, proxy) -> None:
+    def fire_in_rank(self, fault: Fault) -> None:
+        from pytest_ddpfault import links
+
+        table = links.installed()
+        if table is None:
+            raise RuntimeError(f"{fault} acts on the gloo links between ranks, which only the ddp.run "
+                               f"harness proxies; this process has none")
+        for proxy in table.of_fault(fault):
+            self.apply(fault, proxy)
+
+    def event_fields(self, fault: Fault) -> dict[str, Any]:
+        from pytest_ddpfault import links
+
+        table = links.installed()
+        return {"detail": self.where(fault, table.of_fault(fault))} if table is not None else {}
+
+    def where(self, fault: Fault, proxies: list) -> str:
+        if scope_of(fault) is None:
+            return f"proxy {proxies[0].name}"
+        return f"{len(proxies)} link{'s' if len(proxies) != 1 else ''}: " + \
+            ", ".join(p.link for p in proxies[:8]) + (", ..." if len(proxies) > 8 else "")
+
+    def streams(self, fault: Fault) -> tuple[str, ...]:
+        return BOTH_STREAMS if scope_of(fault) is not None else (fault.get("stream"),)
+
+    def toxic_name(self, fault: Fault, stream: str) -> str:
+        """The same in every process (a rank adds it, the harness removes it)."""
+        return f"ddpfault_{self.name}_{stream}_{zlib.crc32(str(fault).encode()):08x}"
+
+    def apply(self, fault: Fault, proxy) -> None:
         raise NotImplementedError
 
-    def remove(self, action: RunAction, proxy) -> None:
+    def remove(self, fault: Fault, proxy) -> None:
         raise NotImplementedError
+
+
+class _Disables(_Network):
+    def apply(self, fault: Fault, proxy) -> None:
+        proxy.set_enabled(False)
+
+    def remove(self, fault: Fault, proxy) -> None:
+        proxy.set_enabled(True)
 
 
 @register
-class BlockPort(_Network):
+class BlockPort(_Disables):
     name = "block_port"
-    doc = "the store proxy is disabled: its port refuses connections, open ones are closed"
-    params = (NET_AT, DURATION)
+    doc = "the proxy is disabled: its port refuses connections, open ones are closed"
 
-    def apply(self, action: RunAction, proxy) -> None:
-        proxy.set_enabled(False)
 
-    def remove(self, action: RunAction, proxy) -> None:
-        proxy.set_enabled(True)
+@register
+class Partition(_Network):
+    name = "partition"
+    doc = ("nothing gets through, either way: mode=drop holds the bytes back (none lost; they flow "
+           "again after `duration`), mode=reject closes the connections and refuses new ones")
+
+    @classmethod
+    def own_params(cls) -> tuple[Param, ...]:
+        return (Param("mode", Choice("drop", "reject"), "drop",
+                      "drop: held back, none lost; reject: reset and refused", Fuzz.of("drop", "reject")),)
+
+    def apply(self, fault: Fault, proxy) -> None:
+        if fault.get("mode") == "reject":
+            proxy.set_enabled(False)
+            return
+        for stream in BOTH_STREAMS:
+            proxy.add_toxic({"name": self.toxic_name(fault, stream), "type": "latency", "stream": stream,
+                             "toxicity": 1.0, "attributes": {"latency": HOLD_MS, "jitter": 0}})
+
+    def remove(self, fault: Fault, proxy) -> None:
+        if fault.get("mode") == "reject":
+            proxy.set_enabled(True)
+            return
+        for stream in BOTH_STREAMS:
+            proxy.remove_toxic(self.toxic_name(fault, stream))
 
 
 class _Toxic(_Network):
     attributes: ClassVar[tuple[Param, ...]] = ()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.params = (NET_AT, *cls.attributes, STREAM, TOXICITY, DURATION)
+    @classmethod
+    def own_params(cls) -> tuple[Param, ...]:
+        return (*cls.attributes, STREAM, TOXICITY)
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        super().check(values)
+        if "stream" in values and ("ranks" in values or "nodes" in values):
+            raise FaultSpecError(f"{self.name}: a scoped fault acts on each link both ways; stream= chooses "
+                                 f"a direction on the store proxy only: remove it")
 
     def toxic_attributes(self, fault: Fault) -> dict[str, Any]:
         return {p.name: fault.get(p.name) for p in self.attributes}
 
-    def toxic(self, fault: Fault, name: str | None = None) -> dict[str, Any]:
+    def toxic(self, fault: Fault, name: str | None = None, stream: str | None = None) -> dict[str, Any]:
         """The body of Toxiproxy's POST /proxies/{p}/toxics (also add_toxic's kwargs)."""
-        stream = fault.get("stream")
+        stream = stream or fault.get("stream")
         return {"name": name or f"ddpfault_{self.name}_{stream}", "type": self.toxic_type,
                 "stream": stream, "toxicity": fault.get("toxicity"),
                 "attributes": self.toxic_attributes(fault)}
 
-    def apply(self, action: RunAction, proxy) -> None:
-        action.toxic_name = proxy.toxic_name(self.name)  # unique per run
-        proxy.add_toxic(self.toxic(action.fault, name=action.toxic_name))
+    def apply(self, fault: Fault, proxy) -> None:
+        for stream in self.streams(fault):
+            proxy.add_toxic(self.toxic(fault, name=self.toxic_name(fault, stream), stream=stream))
 
-    def remove(self, action: RunAction, proxy) -> None:
-        proxy.remove_toxic(action.toxic_name)
+    def remove(self, fault: Fault, proxy) -> None:
+        for stream in self.streams(fault):
+            proxy.remove_toxic(self.toxic_name(fault, stream))
 
 
 @register

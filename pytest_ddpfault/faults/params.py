@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 from pytest_ddpfault.faults._words import did_you_mean
 from pytest_ddpfault.faults.triggers import TRIGGER_FORMS, Trigger
+
 
 class Invalid(ValueError):
     """A value a type refuses; args[0], if any, is a hint appended to "expected FORM"."""
@@ -129,6 +131,32 @@ class Text(ValueType):
 
     def format(self, value: Any) -> str:
         return repr(value)  # always quoted, so commas, parens and quotes round-trip
+
+
+class IndexSet(ValueType):
+    """A set of ranks or nodes: ``(2, 3)``, ``(1,)`` or ``1``; normalised to a sorted tuple."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.form = f"a tuple of {what} indexes such as (1,) or (2, 3)"
+
+    def parse(self, value: Any) -> tuple[int, ...]:
+        if isinstance(value, str):
+            text = value.strip()
+            if not re.fullmatch(r"[\[(]?\s*\d+(\s*,\s*\d+)*\s*,?\s*[\])]?", text) or \
+                    text[:1] in "([" and text[-1:] not in ")]":
+                raise Invalid()
+            value = [int(v) for v in re.findall(r"\d+", text)]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (tuple, list, set, frozenset)) or not value:
+            raise Invalid(f"; name at least one {self.what}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+            raise Invalid()
+        return tuple(sorted({int(v) for v in value}))
+
+    def format(self, value: Any) -> str:
+        return "(" + ", ".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
 
 
 class TriggerType(ValueType):

@@ -108,6 +108,7 @@ class GroupRun:
         self.launcher = None
         self.store: _Proc | None = None
         self.store_proxy = None           # network.StoreProxy when the store is proxied
+        self.link_proxies = None          # links.LinkProxies when a network fault is scoped
         self.ranks: list[_Proc] = []
         self.by_pid: dict[int, _Proc] = {}
         self._fired: list[tuple] = []     # (kind, rank, trigger, monotonic time, spec, detail, node)
@@ -144,8 +145,9 @@ class GroupRun:
                 action.before_ranks(setup)
             if self.master_port is None:
                 self._start_store(setup)
-                if self.config.proxy or any(f.definition.needs_proxy for f in self.plan):
+                if self.config.proxy or any(f.definition.proxies_store(f) for f in self.plan):
                     self._start_proxy()
+            self._start_link_proxies(setup)
             for action in self.actions:
                 action.before_launch()
             self._start_ranks(setup)
@@ -207,6 +209,15 @@ class GroupRun:
         if self.on_proxy is not None:
             self.on_proxy(api.client_proxy(self.store_proxy.info))
 
+    def _start_link_proxies(self, setup: Deadline) -> None:
+        """One proxy per link a scoped network fault crosses (none without one: no cost)."""
+        from pytest_ddpfault.links import LinkProxies
+        from pytest_ddpfault.toxiproxy.client import resolve_api
+
+        ws, nodes = self.config.world_size, self.config.nodes
+        if any(f.definition.scope_ranks(f, ws, nodes) for f in self.plan):
+            self.link_proxies = LinkProxies.create(resolve_api(self.config.toxiproxy), self.plan, ws, nodes, setup)
+
     def _base_env(self) -> dict:
         env = dict(os.environ)
         env.pop("DDPFAULT_PLAN", None)  # ranks of ddp.run get their plan directly
@@ -223,7 +234,9 @@ class GroupRun:
             "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self.master_port),
             "TORCHELASTIC_RESTART_COUNT": "0",
         })
-        if self.config.nodes > 1:  # the node's own loopback address: its ranks' gloo devices bind to it
+        # the node's own loopback address: its ranks' gloo devices bind to it (link proxies
+        # listen below it, see links.PROXY_HOST)
+        if self.config.nodes > 1 or self.link_proxies is not None:
             env[NODE_ADDR_ENV] = node_address(node)
         else:
             env.pop(NODE_ADDR_ENV, None)
@@ -246,7 +259,8 @@ class GroupRun:
             p = self._paths(f"rank{rank}")
             task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
                             specs, p["result"], self.inbox.path, p["ops"] if self.config.oplog else "",
-                            nodes=self.config.nodes)
+                            nodes=self.config.nodes,
+                            links=self.link_proxies.to_wire() if self.link_proxies is not None else None)
             jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank.task:rank_main", pickle.dumps(task),
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
                                  p["out"], p["err"], p["stack"]))
@@ -262,6 +276,8 @@ class GroupRun:
         self.deadline = Deadline(self.start + self.config.timeout)
         if self.store_proxy is not None:
             self.store_proxy.deadline = self.deadline
+        if self.link_proxies is not None:
+            self.link_proxies.set_deadline(self.deadline)
 
     # -- waiting ----------------------------------------------------------------
     def _pump(self, until: Deadline) -> None:
@@ -298,6 +314,9 @@ class GroupRun:
                     ev.get("detail", ""), when=ev.get("time"), node=node)
         if node is not None:
             self._signal_node(node, int(ev["signals_node"]))
+        for action in self.actions:  # a harness-side fault that its rank put in place
+            if str(action.fault) == ev.get("spec"):
+                action.fired_in_rank(max(0.0, ev["time"] - self.start))
         if ev.get("freezes") and rank is not None:
             self.ranks[rank].frozen = True
             resume = ev.get("resume_after")
@@ -385,11 +404,19 @@ class GroupRun:
     def _collect(self) -> GroupResult:
         results = [self._rank_result(p) for p in self.ranks]
         faulted = _faults.faulted_ranks(self.plan, self.config.world_size, self.config.nodes)
-        events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail, node)
+        events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail, node,
+                                    self._scope(spec))
                          for kind, rank, trigger, when, spec, detail, node in self._fired), key=lambda e: e.time)
         duration = round(time.monotonic() - self.start, 4)
         return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
                            self._unfired(events, results, duration))
+
+    def _scope(self, spec: str) -> tuple:
+        """The ranks whose links a scoped network fault acted on; () for any other."""
+        for f in self.plan:
+            if str(f) == spec:
+                return tuple(sorted(f.definition.scope_ranks(f, self.config.world_size, self.config.nodes)))
+        return ()
 
     def _unfired(self, events: list[FaultEvent], results: list[RankResult], duration: float) -> list:
         """The plan's faults that never fired: their trigger did not come before the run ended."""
@@ -461,6 +488,8 @@ class GroupRun:
         steps = [self._kill_leftovers, *(action.cleanup for action in self.actions)]
         if self.store_proxy is not None:
             steps.append(lambda: self.store_proxy.close(self.cleanup_deadline()))
+        if self.link_proxies is not None:
+            steps.append(lambda: self.link_proxies.close(self.cleanup_deadline()))
         if self.inbox is not None:
             steps.append(self.inbox.close)
         if self.dir:

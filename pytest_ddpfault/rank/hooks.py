@@ -27,8 +27,10 @@ import threading
 import time
 
 import pytest_ddpfault
+from pytest_ddpfault import links
 from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
 from pytest_ddpfault.rank import oplog
+from pytest_ddpfault.rank.gloo_addresses import rewriting_store
 
 _WRAPPED_BACKEND = "ddpfault_gloo"
 # The rank's virtual node's loopback address (ddp.run with nodes > 1): its gloo device binds
@@ -258,6 +260,9 @@ def _make_process_group_class(firer: FaultFirer):
 
         def __init__(self, store, rank, size, timeout):
             super().__init__(rank, size)
+            table = links.installed()
+            if table is not None:  # crossed links go through their proxies
+                store = rewriting_store(store, rank, table)
             address = os.environ.get(NODE_ADDR_ENV)
             if address:  # the node's own address: bound to, and advertised to the peers
                 options = ProcessGroupGloo._Options()

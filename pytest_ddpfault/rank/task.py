@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import cloudpickle
 
-from pytest_ddpfault import ipc
+from pytest_ddpfault import ipc, links
 from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.ipc import EventSink
 from pytest_ddpfault.rank.hooks import install_plan, release_the_gil_around_destroy
@@ -33,6 +33,7 @@ class RankTask:
     events_path: str
     oplog_path: str = ""      # where the rank logs its ops (rank/oplog.py); "" = no log
     nodes: int = 1            # virtual nodes: with more than one, the wrapped gloo binds to the node's address
+    links: dict | None = None  # links.LinkProxies.to_wire(): the proxies of the links scoped faults cross
 
 
 def exception_record(exc: BaseException) -> dict:
@@ -81,12 +82,14 @@ def rank_main(job) -> int:
     events = EventSink(task.events_path)
     release_the_gil_around_destroy()
     firer = None
-    # with the log on, every rank counts and logs its calls; with nodes, the wrapped gloo
-    # binds each rank's device to its node's address
+    # with the log on, every rank counts and logs its calls; with nodes or links, the wrapped
+    # gloo binds each rank's device to its node's address (and routes crossed links via proxies)
+    if task.links:
+        links.install(links.LinkProxies.from_wire(task.links))
     if task.faults or task.oplog_path or task.nodes > 1:
         log = OpLog(task.oplog_path) if task.oplog_path else None
         firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log,
-                             nodes=task.nodes, count_without_faults=task.nodes > 1)
+                             nodes=task.nodes, count_without_faults=task.nodes > 1 or bool(task.links))
     try:
         value = _call_user(task)
     except SystemExit as exc:  # the user's own exit: the process exits, no result

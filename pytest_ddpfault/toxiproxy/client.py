@@ -15,72 +15,22 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import json
 import os
 import shutil
 import subprocess
 import threading
 import types
-import urllib.error
-import urllib.parse
-import urllib.request
 
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.procfs import listening_port_of
+from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyError
+from pytest_ddpfault.proxy_calls import ToxiproxyAPI as CallsAPI
 
-API_TIMEOUT = 10.0
 SERVER_START_TIMEOUT = 20.0
 
 
-class ToxiproxyError(RuntimeError):
-    pass
-
-
-class ToxiproxyAPI:
-    """The Toxiproxy HTTP API, with a timeout on every call."""
-
-    def __init__(self, url: str, timeout: float = API_TIMEOUT) -> None:
-        parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if not parsed.hostname or not parsed.port:
-            raise ToxiproxyError(f"toxiproxy url {url!r}: expected http://HOST:PORT")
-        self.url = f"http://{parsed.hostname}:{parsed.port}"
-        self.host, self.port = parsed.hostname, parsed.port
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body=None, deadline: Deadline | None = None):
-        """One request; it waits ``timeout`` at most, and never past ``deadline``."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        timeout = self.timeout if deadline is None else max(0.05, min(self.timeout, deadline.remaining()))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                text = resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace").strip()
-            raise ToxiproxyError(f"toxiproxy at {self.url}: {method} {path} -> {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ToxiproxyError(f"toxiproxy at {self.url}: {method} {path} failed: {exc}") from None
-        return json.loads(text) if text.strip() else None
-
-    def version(self) -> str:
-        answer = self.call("GET", "/version")
-        return answer.get("version", "") if isinstance(answer, dict) else str(answer)
-
-    def create_proxy(self, name: str, upstream: str, listen: str = "127.0.0.1:0") -> dict:
-        return self.call("POST", "/proxies", {"name": name, "upstream": upstream, "listen": listen})
-
-    def set_enabled(self, name: str, enabled: bool, deadline: Deadline | None = None) -> dict:
-        return self.call("POST", f"/proxies/{name}", {"enabled": enabled}, deadline)
-
-    def delete_proxy(self, name: str, deadline: Deadline | None = None) -> None:
-        self.call("DELETE", f"/proxies/{name}", deadline=deadline)
-
-    def add_toxic(self, proxy: str, body: dict, deadline: Deadline | None = None) -> dict:
-        return self.call("POST", f"/proxies/{proxy}/toxics", body, deadline)
-
-    def remove_toxic(self, proxy: str, name: str, deadline: Deadline | None = None) -> None:
-        self.call("DELETE", f"/proxies/{proxy}/toxics/{name}", deadline=deadline)
+class ToxiproxyAPI(CallsAPI):
+    """The Toxiproxy HTTP API (``proxy_calls.CallsAPI``), plus toxiproxy-python objects for users."""
 
     def client(self):
         """A toxiproxy-python ``Toxiproxy`` pointed at this server (its state is global)."""
@@ -232,7 +182,7 @@ def resolve_api(source) -> ToxiproxyAPI:
 _names = itertools.count()
 
 
-class StoreProxy:
+class StoreProxy(ProxyHandle):
     """A proxy in front of the run's store: listen 127.0.0.1:0, upstream the store.
 
     What the network fault kinds do to it waits no longer than ``deadline`` (the run's,
@@ -244,22 +194,3 @@ class StoreProxy:
         self.name = f"ddpfault_store_{os.getpid()}_{next(_names)}"
         self.info = api.create_proxy(self.name, f"127.0.0.1:{store_port}")
         self.port = int(self.info["listen"].rsplit(":", 1)[1])
-        self._toxics = itertools.count()
-
-    def toxic_name(self, kind: str) -> str:
-        return f"ddpfault_{kind}_{next(self._toxics)}"
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.api.set_enabled(self.name, enabled, self.deadline)
-
-    def add_toxic(self, body: dict) -> None:
-        self.api.add_toxic(self.name, body, self.deadline)
-
-    def remove_toxic(self, name: str) -> None:
-        self.api.remove_toxic(self.name, name, self.deadline)
-
-    def close(self, deadline: Deadline | None = None) -> None:
-        try:
-            self.api.delete_proxy(self.name, deadline)
-        except ToxiproxyError:
-            pass  # the server may be gone already; nothing of ours is left on it then

@@ -1,0 +1,145 @@
+"""Route a rank's crossed gloo links through their proxies (``links.LinkProxies``).
+
+gloo's full-mesh set-up publishes one value per rank through the group's store (key
+``<device>/<rank>``): ``u64 hostname length, hostname, u64 address length, address,
+pair ids``, where the address is gloo's ``Address::Impl`` — a ``sockaddr_storage``
+(``AF_INET``: family, port in network order, 4 address bytes) and a sequence number.
+Each pair is one TCP connection, opened by the side with the larger address (gloo's
+``Device::isInitiator``: address bytes, then the port as stored).
+
+``AddressRewritingStore`` wraps the store handed to gloo. Reading a peer's value, the
+rank that will connect a crossed link points that link's proxy at the peer's real
+listener and hands gloo the proxy's address instead; the peer, which listens, reads the
+connecting rank's own address unchanged. The proxies listen on 127.0.0.1, below every
+node address the devices bind to, so the connecting side stays the one gloo chose.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from pytest_ddpfault.links import LinkProxies
+
+_U64 = struct.Struct("=Q")
+_AF_INET = socket.AF_INET
+
+
+@dataclass(frozen=True)
+class PublishedRank:
+    """One rank's published gloo value, cut at the listener's IPv4 address."""
+
+    rank: int
+    raw: bytes
+    addr_at: int        # offset of the sockaddr in ``raw``
+    ip: bytes           # 4 bytes, network order
+    port_raw: int       # sin_port as gloo compares it (the stored bytes read natively)
+
+    @property
+    def host_port(self) -> str:
+        return f"{socket.inet_ntoa(self.ip)}:{socket.ntohs(self.port_raw)}"
+
+    def with_address(self, host: str, port: int) -> bytes:
+        sockaddr = struct.pack("=H", _AF_INET) + struct.pack("!H", port) + socket.inet_aton(host)
+        return self.raw[:self.addr_at] + sockaddr + self.raw[self.addr_at + len(sockaddr):]
+
+    def connects_to(self, peer: PublishedRank) -> bool:
+        """gloo's ``isInitiator(self, peer)``: this side opens the connection."""
+        if self.ip != peer.ip:
+            return self.ip > peer.ip
+        return self.port_raw > peer.port_raw
+
+
+def parse_published(key: str, value: bytes) -> PublishedRank | None:
+    """The value of a ``.../<rank>`` key if it is gloo's rank record with an IPv4 address."""
+    tail = key.rsplit("/", 1)[-1]
+    if not tail.isdecimal() or len(value) < 2 * _U64.size:
+        return None
+    try:
+        (host_len,) = _U64.unpack_from(value, 0)
+        at = _U64.size + host_len
+        (addr_len,) = _U64.unpack_from(value, at)
+        at += _U64.size
+        if addr_len < 16 or at + addr_len > len(value):
+            return None
+        (family,) = struct.unpack_from("=H", value, at)
+        if family != _AF_INET:
+            return None
+        (port_raw,) = struct.unpack_from("=H", value, at + 2)
+        return PublishedRank(int(tail), bytes(value), at, bytes(value[at + 4:at + 8]), port_raw)
+    except struct.error:
+        return None
+
+
+def rewriting_store(inner, rank: int, table: LinkProxies):
+    """``inner`` wrapped for gloo (see the module's doc); torch is imported here."""
+    import torch.distributed as dist
+
+    class AddressRewritingStore(dist.Store):
+        def __init__(self) -> None:
+            super().__init__()
+            self.own: PublishedRank | None = None
+            self.pointed: dict[int, bytes] = {}
+
+        def set(self, key, value):
+            data = value.encode() if isinstance(value, str) else bytes(value)
+            published = parse_published(key, data)
+            if published is not None and published.rank == rank:
+                self.own = published
+            return inner.set(key, value)
+
+        def get(self, key):
+            return self._rewrite(key, inner.get(key))
+
+        def multi_get(self, keys):
+            return [self._rewrite(k, v) for k, v in zip(keys, inner.multi_get(keys))]
+
+        def _rewrite(self, key, value):
+            peer = parse_published(key, bytes(value))
+            if peer is None or self.own is None or peer.rank == rank:
+                return value
+            proxy = table.between(rank, peer.rank)
+            if proxy is None or not self.own.connects_to(peer):
+                return value  # not crossed, or the peer connects (through its own view)
+            if peer.rank not in self.pointed:
+                host, port = proxy.listen.rsplit(":", 1)
+                if self.own.ip <= socket.inet_aton(host):
+                    raise RuntimeError(f"rank {rank}'s gloo listens on {self.own.host_port}, not above the link "
+                                       f"proxies' {host}: gloo would reverse who connects; the harness binds "
+                                       f"each rank to its node's address (DDPFAULT_NODE_ADDR) for this")
+                proxy.point_to(peer.host_port)
+                self.pointed[peer.rank] = peer.with_address(host, int(port))
+            return self.pointed[peer.rank]
+
+        # everything else as the wrapped store does it
+        def add(self, key, value):
+            return inner.add(key, value)
+
+        def append(self, key, value):
+            return inner.append(key, value)
+
+        def check(self, keys):
+            return inner.check(keys)
+
+        def compare_set(self, key, expected, desired):
+            return inner.compare_set(key, expected, desired)
+
+        def delete_key(self, key):
+            return inner.delete_key(key)
+
+        def num_keys(self):
+            return inner.num_keys()
+
+        def multi_set(self, keys, values):
+            return inner.multi_set(keys, values)
+
+        def set_timeout(self, timeout):
+            return inner.set_timeout(timeout)
+
+        def wait(self, keys, timeout=None):
+            return inner.wait(keys) if timeout is None else inner.wait(keys, timeout)
+
+        def has_extended_api(self):
+            return False   # gloo then reads each rank's value with get(): one path to rewrite
+
+    return AddressRewritingStore()
