@@ -57,23 +57,36 @@ class DDP:
                 stacklevel=2)
         return result
 
-    def torchrun(self, script_or_module, *args, nproc: int | None = None, max_restarts: int = 0,
-                 faults=_UNSET, timeout=_UNSET, env: dict | None = None, **options):
-        """Run a script (``.py`` path) or module under ``torchrun --standalone`` with the plan
-        in its environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.launchers.torchrun``.
+    def torchrun(self, script_or_module, *args, nnodes: int = 1, nproc: int | None = None,
+                 min_nodes: int | None = None, max_restarts: int = 0, faults=_UNSET, timeout=_UNSET,
+                 env: dict | None = None, rdzv_conf=None, **options):
+        """Run a script (``.py`` path) or module under torchrun with the plan in its
+        environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.launchers.torchrun``.
 
-        ``nproc`` defaults to ``world_size``, ``faults`` and ``timeout`` to the marker's.
-        Returns a ``TorchrunResult``.
+        ``nnodes=1``: one ``torchrun --standalone`` agent, ``nproc`` workers (default
+        ``world_size``). ``nnodes > 1``: one agent per virtual node on the node's address,
+        ``nproc`` workers each (default ``world_size // nnodes``), ``--nnodes=min_nodes:nnodes``
+        (elastic when ``min_nodes < nnodes``) and a rendezvous endpoint the harness owns;
+        ``rdzv_conf`` (a dict or ``"k=v,k=v"``) goes to ``--rdzv-conf``. ``faults`` and
+        ``timeout`` default to the marker's. Returns a ``TorchrunResult``.
         """
         from pytest_ddpfault.parent.run import SETUP_BUDGET
-        from pytest_ddpfault.launchers.torchrun import run_torchrun
+        from pytest_ddpfault.launchers.torchrun import check_nnodes, run_torchrun
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
-        nproc = self.world_size if nproc is None else nproc
-        with self._slots(nproc + 1, Deadline.after(SETUP_BUDGET)):  # the workers and the agent
+        check_nnodes(nnodes, min_nodes)
+        if nproc is None:
+            if self.world_size % nnodes:
+                raise ValueError(f"nnodes={nnodes} does not divide world_size={self.world_size}: give nproc "
+                                 f"(workers per node) or a world_size that nnodes divides")
+            nproc = self.world_size // nnodes
+        elif nnodes > 1 and nproc * nnodes != self.world_size:
+            raise ValueError(f"nproc={nproc} workers on each of nnodes={nnodes} nodes make {nproc * nnodes} "
+                             f"workers, not world_size={self.world_size}: leave nproc out (world_size // nnodes)")
+        with self._slots(nnodes * (nproc + 1), Deadline.after(SETUP_BUDGET)):  # the workers and the agents
             result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
                                   faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
-                                  **options)
+                                  nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf, **options)
         self.results.append(result)
         return result
 

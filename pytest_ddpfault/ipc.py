@@ -183,7 +183,7 @@ class LineSink:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def send(self, type_: str, **payload) -> None:
-        msg = message(type_, **payload, **self.stamp, pid=os.getpid(), wall=time.time())
+        msg = message(type_, **{**self.stamp, **payload}, pid=os.getpid(), wall=time.time())
         msg.setdefault("time", time.monotonic())
         try:
             os.write(self._fd, encode_json(msg) + b"\n")

@@ -413,7 +413,10 @@ class AttemptFaultEvent(FaultEvent):
     pid: int | None = None
 
     def __str__(self) -> str:
-        return f"{super().__str__()} in attempt {self.attempt}"
+        text = super().__str__()
+        if self.node is not None and self.rank is not None:  # the worker's node (nnodes > 1)
+            text = text.replace(f"node {self.node} (from rank {self.rank})", f"rank {self.rank} on node {self.node}", 1)
+        return f"{text} in attempt {self.attempt}"
 
 
 @dataclass
@@ -449,10 +452,46 @@ class WorkerResult(RankResult):
 
 
 @dataclass
-class TorchrunResult:
-    """What a launched run produced: the launcher's end and output, its workers, its faults."""
+class NodeResult:
+    """One torchrun agent of a multi-node ``ddp.torchrun`` (``nnodes > 1``) and how it ended."""
 
-    command: list
+    node: int
+    address: str                        # the node's loopback address (--local-addr)
+    exit_code: int | None               # the agent's; None when a signal ended it
+    signal: int | None = None           # the signal that ended the agent
+    restarts: int = 0                   # restarts its workers went through (highest attempt seen on it)
+    lost: str | None = None             # the plan's fault that signalled this node (agent and workers), if any
+    pid: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False             # still running at the harness deadline
+    stack: str | None = None            # the agent's stacks when it was ended at the deadline
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def describe_end(self) -> str:
+        if self.timed_out:
+            end = "still running at the harness deadline"
+        elif self.signal is not None:
+            end = f"agent died of {signal_name(self.signal)}"
+        else:
+            end = f"agent exit code {self.exit_code}"
+        return f"{end} (lost: {self.lost})" if self.lost else end
+
+
+@dataclass
+class TorchrunResult:
+    """What a launched run produced: the launcher's end and output, its workers, its faults.
+
+    With ``nnodes > 1`` there is one agent per node (``nodes``); ``exit_code``/``signal`` are
+    then the first agent's that the plan did not kill and that failed (0 when every such
+    agent exited 0), and ``ok`` means: every agent the plan did not kill exited 0.
+    ``stdout``/``stderr`` hold every agent's, each under a ``--- node N agent ---`` line.
+    """
+
+    command: list                       # the launcher's command line (node 0's agent with nnodes > 1)
     exit_code: int | None               # the launcher's; None when a signal ended it
     signal: int | None = None           # the signal that ended the launcher
     stdout: str = ""
@@ -467,10 +506,20 @@ class TorchrunResult:
     launcher_stack: str | None = None   # the launcher's stacks when it was ended at the deadline
     events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
     unfired: list = field(default_factory=list)          # UnfiredFault: what the plan asked for in vain
+    nodes: list = field(default_factory=list)            # NodeResult per node with nnodes > 1, else empty
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+    def node(self, n: int) -> NodeResult:
+        """Node ``n``'s agent (``nnodes > 1``)."""
+        return next(r for r in self.nodes if r.node == n)
+
+    @property
+    def lost_nodes(self) -> list[int]:
+        """The nodes the plan killed (agent and workers, or the agent alone)."""
+        return [r.node for r in self.nodes if r.lost]
 
     @property
     def attempts(self) -> int:
@@ -492,16 +541,22 @@ class TorchrunResult:
     def describe_end(self) -> str:
         if self.timed_out:
             return "ended by the harness at its deadline"
+        lost = f" (lost: {', '.join(f'node {n}' for n in self.lost_nodes)})" if self.lost_nodes else ""
         if self.signal is not None:
-            return f"launcher died of {signal_name(self.signal)}"
-        return f"exit code {self.exit_code}"
+            return f"{'an agent' if self.nodes else 'launcher'} died of {signal_name(self.signal)}{lost}"
+        return f"exit code {self.exit_code}{lost}"
 
     def summary(self) -> str:
         plural = "" if self.restarts == 1 else "s"
         restarts = f"{self.restarts} restart{plural} (max_restarts={self.max_restarts})"
-        lines = [f"{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
-        lines += _table([("attempt", "rank", "status", "time", "what happened")] +
-                        [(str(w.attempt), str(w.rank), w.status, _seconds(w.duration), w.detail())
+        head = f"{len(self.nodes)} nodes, node 0: " if self.nodes else ""
+        lines = [f"{head}{self.command_line()}: {self.describe_end()} after {restarts}, {self.duration:.2f}s"]
+        if self.nodes:
+            lines += _table([("node", "address", "restarts", "agent")] +
+                            [(str(n.node), n.address, str(n.restarts), n.describe_end()) for n in self.nodes])
+        node = (lambda w: (str(w.node),)) if self.nodes else (lambda w: ())
+        lines += _table([("attempt", *(("node",) if self.nodes else ()), "rank", "status", "time", "what happened")] +
+                        [(str(w.attempt), *node(w), str(w.rank), w.status, _seconds(w.duration), w.detail())
                          for w in self.workers])
         lines += _plan_lines(self.plan, self.fault_events, self.unfired)
         return "\n".join(lines)

@@ -50,3 +50,13 @@ def zygote_pids() -> list[int]:
     if launcher is None:
         return []
     return [z.proc.pid for z in list(launcher._zygotes.values()) if z.alive]
+
+
+def assert_nothing_left(res) -> None:
+    """Every process a launched run started (each one the hook recorded) is gone."""
+    from pytest_ddpfault.procfs import start_ticks
+
+    started = [(e["pid"], e["start_ticks"]) for e in res.events if e["type"] == "process"]
+    assert started, "the hook recorded no process"
+    left = [pid for pid, ticks in started if start_ticks(pid) == ticks]
+    assert not left, f"processes of the run still alive: {left}"

@@ -175,6 +175,7 @@ _VALUES = {
     "resume_after": _POSITIVE, "hold_for": _POSITIVE, "duration": _POSITIVE,
     "seconds": st.floats(min_value=0, allow_infinity=False),
     "every": st.booleans() | st.sampled_from(["true", "no"]),
+    "agent_only": st.booleans() | st.sampled_from(["true", "no"]),
     "mode": st.sampled_from(["listen", "bind"]),
     "stream": st.sampled_from(["upstream", "downstream"]),
     "toxicity": st.floats(0, 1),

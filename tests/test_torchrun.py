@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault.procfs import start_ticks as proc_start_ticks
 from pytest_ddpfault.rank.env_plan import EnvPlanError
 from pytest_ddpfault.faults import FaultSpecError
-from pytest_ddpfault.launchers.torchrun import TorchrunError, TorchrunResult, run_script, run_torchrun
+from pytest_ddpfault.launchers.torchrun import TorchrunError, run_script, run_torchrun
+
+from _helpers import assert_nothing_left
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "torchrun" / "train.py"
@@ -33,14 +34,6 @@ LATE_IN_RETRY = "delay(rank=1, at=init, seconds=2, attempt=1)"
 
 def train_args(d: Path) -> tuple:
     return "--ckpt-dir", str(d / "ck"), "--out", str(d / "weights.json"), "--steps", "8", "--ckpt-every", "2"
-
-
-def assert_nothing_left(res: TorchrunResult) -> None:
-    """Every process the run started (each one the hook recorded) is gone."""
-    started = [(e["pid"], e["start_ticks"]) for e in res.events if e["type"] == "process"]
-    assert started, "the hook recorded no process"
-    left = [pid for pid, ticks in started if proc_start_ticks(pid) == ticks]
-    assert not left, f"processes of the run still alive: {left}"
 
 
 @pytest.fixture(scope="module")

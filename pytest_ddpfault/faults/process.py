@@ -53,7 +53,9 @@ class KillNode(_Targeting):
            "the trigger counts in the node's first rank")
     needs_harness = True   # the harness signals the node's ranks: not from DDPFAULT_PLAN
     params = (NODE, RANK_AT, Param("signal", SignalName(), "SIGKILL", "signal name or number",
-                                   Fuzz.of("SIGKILL", "SIGTERM")))
+                                   Fuzz.of("SIGKILL", "SIGTERM")),
+              Param("agent_only", BOOL, False, "ddp.torchrun with nnodes > 1: signal the node's torchrun "
+                    "agent alone, its workers are left to what follows", Fuzz.never()))
 
     def _node(self, fault: Fault, nodes: int) -> int:
         node = fault.get("node")
@@ -75,9 +77,13 @@ class KillNode(_Targeting):
     def event_fields(self, fault: Fault) -> dict[str, Any]:
         # sent by the node's first rank: the harness signals every rank of that rank's node at once
         sig = int(signal.Signals[fault.get("signal")])
+        if fault.get("agent_only"):
+            return {"signals_agent": sig}
         return {"signals_node": sig, "kills_with": sig}
 
     def fire_in_rank(self, fault: Fault) -> None:
+        if fault.get("agent_only"):  # the launcher signals the agent; this worker goes on
+            return
         # The harness signals this rank with the others of its node; wait for it (bounded).
         threading.Event().wait(NODE_SIGNAL_WAIT)
         os.kill(os.getpid(), signal.Signals[fault.get("signal")])

@@ -13,9 +13,17 @@ the OS picks and hands that to its workers, so there is no port to race for. The
 travels in ``DDPFAULT_PLAN`` and every worker arms itself through the import hook
 (``env_plan``); what fired, in which attempt, comes back through ``DDPFAULT_EVENTS``.
 
+``nnodes > 1`` runs one agent per virtual node instead, each on its node's loopback
+address (``--local-addr``), with ``--nnodes=min_nodes:nnodes`` and a c10d rendezvous
+endpoint the harness owns (``rendezvous.RendezvousEndpoint``): a store no node hosts, so
+losing a node loses no rendezvous state. Each agent's environment names its node
+(``DDPFAULT_NODE``): its workers' events carry it, and a fault on a whole node that fires
+in the node's first worker asks this launcher (through the events) to signal that node's
+agent and workers at once.
+
 ``run_script`` does the same for a plain ``python script.py`` (``mp.spawn`` and friends).
 
-The run owns one deadline, counted from the launcher's start (torchrun's own start-up,
+The run owns one deadline, counted from the launchers' start (torchrun's own start-up,
 rendezvous and restarts are in it). At the deadline every process of the run that
 registered the hook's stack dump gets SIGUSR1 (faulthandler, C level), then the launcher
 is stopped, and every process of its tree and every process the hook recorded is killed
@@ -35,10 +43,13 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 from pytest_ddpfault import ipc
 from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.faults import FaultSpecError
+from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
 from pytest_ddpfault.procfs import state as process_state
 from pytest_ddpfault.errors import HarnessWarning, TorchrunError
@@ -48,13 +59,14 @@ from pytest_ddpfault.parent.reaping import (
 )
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX
 from pytest_ddpfault.results import (
-    AttemptFaultEvent, TorchrunResult, UnfiredFault, WorkerResult, ops_from_log, signal_name,
+    AttemptFaultEvent, NodeResult, TorchrunResult, UnfiredFault, WorkerResult, ops_from_log, signal_name,
 )
+from pytest_ddpfault.rank.hooks import NODE_ADDR_ENV
 from pytest_ddpfault.rank.oplog import read_oplog
-from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, node_address
 
-__all__ = ["AttemptFaultEvent", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
-           "run_script", "run_torchrun"]
+__all__ = ["AttemptFaultEvent", "NodeResult", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
+           "check_nnodes", "run_script", "run_torchrun"]
 
 _PAUSE = 0.02               # the longest a deadline-bounded wait blocks before looking again
 _WATCH = 0.05               # how often a run's events and frozen workers are looked at
@@ -69,7 +81,7 @@ AGENT_STOPPED = "stopped by the torchrun agent after another worker failed"
 _GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_plan.ENV_DIE_WITH_PARENT,
-            env_plan.ENV_OPLOG)
+            env_plan.ENV_OPLOG, env_plan.ENV_NODE, NODE_ADDR_ENV)
 # The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
@@ -79,21 +91,58 @@ _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+
 
 def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
                  faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
-                 cwd: str | os.PathLike | None = None, torchrun_args: tuple = ()) -> TorchrunResult:
+                 cwd: str | os.PathLike | None = None, torchrun_args: tuple = (), nnodes: int = 1,
+                 min_nodes: int | None = None, rdzv_conf=None) -> TorchrunResult:
     """Run ``script_or_module`` (a ``.py`` path, else a module name) under
-    ``python -m torch.distributed.run --standalone --nproc-per-node=nproc``, with the plan."""
+    ``python -m torch.distributed.run --standalone --nproc-per-node=nproc``, with the plan;
+    with ``nnodes > 1``, under one agent per virtual node (``nproc`` workers each)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a whole number >= 1, got {nproc!r}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"max_restarts must be a whole number >= 0, got {max_restarts!r}")
-    plan = env_plan.validate_env_plan(faults, nproc)
+    min_nodes = check_nnodes(nnodes, min_nodes)
+    conf = parse_rdzv_conf(rdzv_conf)
+    plan = env_plan.validate_env_plan(faults, nproc * nnodes, nodes=nnodes if nnodes > 1 else None)
     target, is_module = _target(script_or_module)
-    run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"})
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--log-dir={run.log_dir}",
-            "--tee=3", *map(str, torchrun_args), *(["--module"] if is_module else []), target,
-            *map(str, args)]
-    return run.run(argv, max_restarts)
+    script = [*map(str, torchrun_args), *(["--module"] if is_module else []), target, *map(str, args)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    sizes = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    if nnodes == 1:
+        run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"})
+        extra = [f"--rdzv-conf={','.join(f'{k}={v}' for k, v in conf.items())}"] if conf else []
+        agent = _Agent(None, [*torchrun, "--standalone", "--nnodes=1", *sizes, f"--log-dir={run.log_dir}",
+                              "--tee=3", *extra, *script])
+        return run.run(lambda: [agent], max_restarts)
+    # An agent alone may die only where the plan kills one: otherwise every worker dies with its agent.
+    alone = any(item.fault.get("agent_only") for item in plan if "agent_only" in item.fault.definition.keys)
+    run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"},
+                     die_with_parent=env_plan.AGENTS_ONLY if alone else "1")
+    size = f"{min_nodes}:{nnodes}" if min_nodes != nnodes else str(nnodes)
+
+    def agents() -> list[_Agent]:
+        endpoint = run.open_endpoint()
+        out = []
+        for node in range(nnodes):
+            log_dir = os.path.join(run.log_dir, f"node{node}")
+            argv = [*torchrun, f"--nnodes={size}", *sizes, "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                    f"--rdzv-id={os.path.basename(run.dir)}", f"--rdzv-conf={format_rdzv_conf(conf)}",
+                    f"--local-addr={node_address(node)}", f"--log-dir={log_dir}", "--tee=3", *script]
+            out.append(_Agent(node, argv, {env_plan.ENV_NODE: str(node), NODE_ADDR_ENV: node_address(node)},
+                              log_dir))
+        return out
+    return run.run(agents, max_restarts)
+
+
+def check_nnodes(nnodes, min_nodes) -> int:
+    """``nnodes``: a whole number >= 1; ``min_nodes``: None (= nnodes) or 1..nnodes. Returns min_nodes."""
+    if isinstance(nnodes, bool) or not isinstance(nnodes, int) or nnodes < 1:
+        raise ValueError(f"nnodes must be a whole number >= 1 (one torchrun agent per virtual node), got {nnodes!r}")
+    if min_nodes is None:
+        return nnodes
+    if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or not 1 <= min_nodes <= nnodes:
+        raise ValueError(f"min_nodes must be a whole number from 1 to nnodes={nnodes} (the fewest nodes the job "
+                         f"goes on with), got {min_nodes!r}")
+    return min_nodes
 
 
 def run_script(script_or_module: str | os.PathLike, *args, faults=None, timeout: float = DEFAULT_TIMEOUT,
@@ -106,7 +155,8 @@ def run_script(script_or_module: str | os.PathLike, *args, faults=None, timeout:
     target, is_module = _target(script_or_module)
     extra = {} if attempt is None else {env_plan.ENV_ATTEMPT: str(attempt)}
     run = _LaunchRun(plan, timeout, {**extra, **(env or {})}, cwd)
-    return run.run([sys.executable, *(["-m"] if is_module else []), target, *map(str, args)], 0)
+    agent = _Agent(None, [sys.executable, *(["-m"] if is_module else []), target, *map(str, args)])
+    return run.run(lambda: [agent], 0)
 
 
 def _target(script_or_module) -> tuple[str, bool]:
@@ -122,10 +172,31 @@ def _target(script_or_module) -> tuple[str, bool]:
 
 # --- one run ---------------------------------------------------------------------------------
 
+@dataclass
+class _Agent:
+    """One launcher process of the run: the torchrun agent of a node, or the single launcher."""
+
+    node: int | None          # None: the run's only launcher (nnodes=1, run_script)
+    argv: list
+    env: dict | None = None   # what this agent's environment adds (its node)
+    log_dir: str | None = None
+    proc: subprocess.Popen | None = None
+    pidfd: int | None = None
+    out_path: str = ""
+    err_path: str = ""
+    lost: dict | None = None  # the plan's event that signalled this node (a machine or agent lost)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 class _LaunchRun:
-    def __init__(self, plan: tuple, timeout, env: dict | None, cwd, defaults: dict | None = None) -> None:
+    def __init__(self, plan: tuple, timeout, env: dict | None, cwd, defaults: dict | None = None,
+                 die_with_parent: str = "1") -> None:
         self.plan = plan
         self.defaults = dict(defaults or {})
+        self.die_with_parent = die_with_parent
         self.timeout = check_timeout(timeout, "timeout")
         self.user_env = dict(env or {})
         self.cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
@@ -139,8 +210,8 @@ class _LaunchRun:
         self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-run-", dir=short_tmp())
         self.log_dir = os.path.join(self.dir, "logs")
         self.events_path = os.path.join(self.dir, "events.jsonl")
-        self.proc: subprocess.Popen | None = None
-        self.pidfd: int | None = None
+        self.agents: list[_Agent] = []
+        self.endpoint: RendezvousEndpoint | None = None
         self.start = 0.0
         self.timed_out = False
         self._ending: Deadline | None = None   # the one clean-up budget, from the first kill on
@@ -151,47 +222,69 @@ class _LaunchRun:
         self.gone_at: dict[int, float] = {}  # pid -> when it was seen to end (monotonic)
         self.frozen: dict[int, dict] = {}  # pid -> the fault event of the hang_rank that froze it
         self.released: dict[int, tuple[float, int]] = {}  # frozen pid -> (when killed, the stop signal)
+        self.node_of: dict[int, int] = {}  # pid -> the node of each recorded process (nnodes > 1)
 
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if k not in _GROUP_ENV and k not in _OWN_ENV and not k.startswith("TORCHELASTIC_")}
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env = self.base_env()
         for key, value in self.defaults.items():
             env.setdefault(key, value)
         env.update({env_plan.ENV_PLAN: env_plan.format_env_plan(self.plan),
-                    env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: "1",
+                    env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: self.die_with_parent,
                     env_plan.ENV_OPLOG: self.dir})
         env.update({k: str(v) for k, v in self.user_env.items()})
         return env
 
-    def run(self, argv: list, max_restarts: int) -> TorchrunResult:
-        out_path, err_path = os.path.join(self.dir, "launcher.out"), os.path.join(self.dir, "launcher.err")
+    @staticmethod
+    def base_env() -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if k not in _GROUP_ENV and k not in _OWN_ENV and not k.startswith("TORCHELASTIC_")}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def open_endpoint(self) -> str:
+        """Start the run's rendezvous store (stopped with the run); its ``host:port``."""
+        self.endpoint = RendezvousEndpoint(self.base_env(), os.path.join(self.dir, "rdzv.out"))
+        return self.endpoint.address
+
+    @property
+    def roots(self) -> list[int]:
+        """The pids of the launchers still running."""
+        return [a.proc.pid for a in self.agents if a.running]
+
+    def run(self, make_agents, max_restarts: int) -> TorchrunResult:
         try:
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                self.start = time.monotonic()
-                deadline = Deadline(self.start + self.timeout)
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                             env=self.env(), cwd=self.cwd, start_new_session=True)
-            self.pidfd = os.pidfd_open(self.proc.pid)
+            self.start = time.monotonic()
+            deadline = Deadline(self.start + self.timeout)
+            self.agents = make_agents()
+            env = self.env()
+            for agent in self.agents:
+                name = "launcher" if agent.node is None else f"agent{agent.node}"
+                agent.out_path, agent.err_path = (os.path.join(self.dir, f"{name}.{x}") for x in ("out", "err"))
+                with open(agent.out_path, "wb") as out, open(agent.err_path, "wb") as err:
+                    agent.proc = subprocess.Popen(agent.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                                  env={**env, **(agent.env or {})}, cwd=self.cwd,
+                                                  start_new_session=True)
+                agent.pidfd = os.pidfd_open(agent.proc.pid)
             self.tail = ipc.LineTail(self.events_path)
             if not self._wait(deadline):
                 self.timed_out = True
                 self._end_at_deadline()
             duration = time.monotonic() - self.start
             self._kill_leftovers()
-            return self._collect(argv, max_restarts, duration, read_tail(out_path), read_tail(err_path))
+            return self._collect(max_restarts, duration)
         finally:
             self._cleanup()
 
     def _wait(self, until: Deadline) -> bool:
-        """Wait for the launcher to exit; False when ``until`` came first. Meanwhile, note
-        when each recorded process ends, and release the workers hang_rank froze once
-        something asks them to stop."""
-        while self.proc.poll() is None:
+        """Wait for every launcher to exit; False when ``until`` came first. Meanwhile, note
+        when each recorded process ends, signal the nodes the plan asks for, and release
+        the workers hang_rank froze once something asks them to stop."""
+        while any(a.running for a in self.agents):
             if until.expired():
                 return False
             self._watch()
-            ready, _, _ = select.select([self.pidfd, *self.watched], [], [], min(until.remaining(), _WATCH))
+            live = [a.pidfd for a in self.agents if a.running]
+            ready, _, _ = select.select([*live, *self.watched], [], [], min(until.remaining(), _WATCH))
             self._note_gone(ready)
         self._watch()
         return True
@@ -201,8 +294,12 @@ class _LaunchRun:
             pid = ev.get("pid")
             if ev.get("type") == "process" and pid and ev.get("start_ticks") is not None:
                 self._watch_process(pid, ev["start_ticks"])
+                if ev.get("node") is not None:
+                    self.node_of[pid] = ev["node"]
             elif ev.get("type") == "fault" and ev.get("freezes") and pid:
                 self.frozen[pid] = ev
+            elif ev.get("type") == "fault" and (ev.get("signals_node") or ev.get("signals_agent")):
+                self._signal_node(ev)
         for pid in self.frozen:
             if pid in self.released or pid in self.gone_at:
                 continue
@@ -212,6 +309,29 @@ class _LaunchRun:
                 # grace period (torchrun's agent: 30 s) for nothing.
                 self.released[pid] = (time.monotonic(), stop)
                 kill_with_group(pid)
+
+    def _signal_node(self, ev: dict) -> None:
+        """A fault on a whole node fired in the node's first worker: its agent and every
+        process under it (or the agent alone) get the signal at once. All are stopped first,
+        so that none runs on (sees a peer of its node die) before its own signal comes."""
+        agent = next((a for a in self.agents if a.node is not None and a.node == ev.get("node")), None)
+        if agent is None or agent.lost is not None or not agent.running:
+            return
+        agent.lost = ev
+        root = agent.proc.pid
+        if ev.get("signals_agent"):
+            signal_group(root, int(ev["signals_agent"]))
+            return
+        sig = int(ev["signals_node"])
+        node_pids = [pid for pid, node in self.node_of.items() if node == agent.node and pid not in self.gone_at]
+        pids = list(dict.fromkeys([root, *descendants(root), *node_pids]))
+        for pid in pids:
+            signal_group(pid, signal.SIGSTOP)
+        for pid in pids:
+            signal_group(pid, sig)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            for pid in pids:
+                signal_group(pid, signal.SIGCONT)
 
     def _watch_process(self, pid: int, ticks: int) -> None:
         try:
@@ -236,10 +356,12 @@ class _LaunchRun:
     # -- the deadline ----------------------------------------------------------------------
     def _end_at_deadline(self) -> None:
         """Stacks first (where the hook registered them), then kill the whole tree."""
-        root = self.proc.pid
+        roots = self.roots
         self.ended_at = time.monotonic()
         self._watch()
-        tree = [root, *descendants(root)]
+        # the launchers' trees, and what the hook recorded that is still there (orphans)
+        tree = list(dict.fromkeys([*(p for root in roots for p in (root, *descendants(root))),
+                                   *self.watched.values()]))
         dumping: dict[int, str] = {}   # pid -> its stack file
         for pid in tree:
             path = env_plan.stack_path(self.events_path, pid)
@@ -252,24 +374,36 @@ class _LaunchRun:
         self.ended.update(tree)
 
         def pause() -> None:
-            # Returns at once if the launcher has just died; the dumps are given _PAUSE anyway.
-            select.select([] if self.proc.poll() is not None else [self.pidfd], [], [], _PAUSE)
+            # Returns at once if a launcher has just died; the dumps are given _PAUSE anyway.
+            live = [a.pidfd for a in self.agents if a.running]
+            select.select(live if len(live) == len(roots) else [], [], [], _PAUSE)
 
         wait_for_stacks(lambda: [path for pid, path in dumping.items() if start_ticks(pid) is not None],
                         self.cleanup_deadline().within(STACK_DUMP_BUDGET), pause)
-        # Freeze the launcher so that it starts nothing new, then kill what it has.
-        signal_group(root, signal.SIGSTOP)
-        for pid in descendants(root):
-            self.ended.add(pid)
-            kill_with_group(pid)
-        kill_with_group(root)
-        self.proc.wait(self.cleanup_deadline().remaining())
+        # Freeze the launchers so that they start nothing new, then kill what they have.
+        for root in roots:
+            signal_group(root, signal.SIGSTOP)
+        for root in roots:
+            for pid in descendants(root):
+                self.ended.add(pid)
+                kill_with_group(pid)
+        for root in roots:
+            kill_with_group(root)
+        self._wait_launchers()
+
+    def _wait_launchers(self) -> None:
+        for agent in self.agents:
+            if agent.proc is not None:
+                try:
+                    agent.proc.wait(self.cleanup_deadline().remaining())
+                except subprocess.TimeoutExpired:  # SIGKILLed: _kill_leftovers warns of what stays
+                    pass
 
     def _kill_leftovers(self) -> None:
         """Every process the hook recorded that is still alive (orphaned workers): killed."""
-        if self.proc.poll() is None:
-            kill_with_group(self.proc.pid)
-            self.proc.wait(self.cleanup_deadline().remaining())
+        for root in self.roots:
+            kill_with_group(root)
+        self._wait_launchers()
         alive = {}
         for ev in env_plan.read_events(self.events_path):
             pid, ticks = ev.get("pid"), ev.get("start_ticks")
@@ -288,40 +422,78 @@ class _LaunchRun:
         return self._ending
 
     def _cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:  # an error or Ctrl-C on the way
-            for pid in [*descendants(self.proc.pid), self.proc.pid]:
-                kill_with_group(pid)
-            self.proc.wait(self.cleanup_deadline().remaining())
+        if self.roots:  # an error or Ctrl-C on the way
+            for root in self.roots:
+                for pid in [*descendants(root), root]:
+                    kill_with_group(pid)
+            self._wait_launchers()
             try:
                 self._kill_leftovers()
             except OSError:
                 pass
-        if self.pidfd is not None:
-            os.close(self.pidfd)
+        if self.endpoint is not None:
+            self.endpoint.stop(self.cleanup_deadline())
+        for agent in self.agents:
+            if agent.pidfd is not None:
+                os.close(agent.pidfd)
+                agent.pidfd = None
         for fd in self.watched:
             os.close(fd)
         self.watched.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- results ---------------------------------------------------------------------------
-    def _collect(self, argv, max_restarts, duration, stdout, stderr) -> TorchrunResult:
+    def _collect(self, max_restarts, duration) -> TorchrunResult:
         events = env_plan.read_events(self.events_path)
-        code = self.proc.returncode
-        res = TorchrunResult(command=list(argv), exit_code=code if code >= 0 else None,
+        outputs = {id(a): (read_tail(a.out_path), read_tail(a.err_path)) for a in self.agents}
+        multi = self.agents[0].node is not None
+        if multi:
+            stdout = "".join(f"--- node {a.node} agent ---\n{outputs[id(a)][0]}" for a in self.agents)
+            stderr = "".join(f"--- node {a.node} agent ---\n{outputs[id(a)][1]}" for a in self.agents)
+        else:
+            stdout, stderr = outputs[id(self.agents[0])]
+        code = self._job_code()
+        res = TorchrunResult(command=list(self.agents[0].argv), exit_code=code if code >= 0 else None,
                              signal=-code if code < 0 else None, stdout=stdout, stderr=stderr,
                              timed_out=self.timed_out, duration=round(duration, 4),
                              plan=env_plan.format_env_plan(self.plan), max_restarts=max_restarts,
                              events=events)
         res.fault_events = sorted((AttemptFaultEvent(
             ev["kind"], ev.get("rank"), ev.get("trigger", ""), round(max(0.0, ev["time"] - self.start), 4),
-            ev.get("spec", ""), ev.get("detail", ""), attempt=ev.get("attempt", 0), pid=ev.get("pid"))
-            for ev in events if ev.get("type") == "fault"), key=lambda e: e.time)
+            ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), attempt=ev.get("attempt", 0),
+            pid=ev.get("pid")) for ev in events if ev.get("type") == "fault"), key=lambda e: e.time)
         res.workers = self._workers(events, stdout + stderr)
         res.restarts = max((w.attempt for w in res.workers), default=0)
         res.unfired = self._unfired(events, res.workers, res.restarts)
+        if multi:
+            res.nodes = [self._node_result(a, outputs[id(a)], res.workers) for a in self.agents]
         if self.timed_out:
-            res.launcher_stack = read_tail(env_plan.stack_path(self.events_path, self.proc.pid)) or None
+            stacks = [(a, read_tail(env_plan.stack_path(self.events_path, a.proc.pid))) for a in self.agents]
+            res.launcher_stack = "\n".join((f"--- node {a.node} agent:\n{text}" if multi else text)
+                                           for a, text in stacks if text) or None
         return res
+
+    def _job_code(self) -> int:
+        """The launchers' end as one exit code (negative: a signal): the first launcher the
+        plan did not signal that failed, else 0; where the plan signalled every one, the first's."""
+        survivors = [a for a in self.agents if a.lost is None]
+        failed = next((a for a in survivors if a.proc.returncode != 0), None)
+        if failed is not None:
+            return failed.proc.returncode
+        return 0 if survivors else self.agents[0].proc.returncode
+
+    def _node_result(self, agent: _Agent, output: tuple[str, str], workers: list) -> NodeResult:
+        code = agent.proc.returncode
+        lost = None
+        if agent.lost is not None:
+            lost = f"{agent.lost.get('spec')} at {agent.lost.get('trigger')} in attempt {agent.lost.get('attempt', 0)}"
+        stack = read_tail(env_plan.stack_path(self.events_path, agent.proc.pid)) if self.timed_out else ""
+        return NodeResult(node=agent.node, address=node_address(agent.node),
+                          exit_code=code if code is not None and code >= 0 else None,
+                          signal=-code if code is not None and code < 0 else None,
+                          restarts=max((w.attempt for w in workers if w.node == agent.node), default=0),
+                          lost=lost, pid=agent.proc.pid, stdout=output[0], stderr=output[1],
+                          timed_out=self.timed_out and agent.proc.pid in self.ended, stack=stack or None)
 
     def _workers(self, events: list, launcher_output: str) -> list[WorkerResult]:
         by_pid: dict[int, list] = {}
@@ -333,14 +505,15 @@ class _LaunchRun:
         child_exit = {ev["child"]: ev["code"] for ev in events if ev.get("type") == "child_exit"}
         child_signal = {ev["child"]: (ev["signal"], ev.get("pid")) for ev in events
                         if ev.get("type") == "child_signal"}
+        launchers = {a.proc.pid for a in self.agents}
         workers = []
         for pid, evs in by_pid.items():
             spawned = _first(evs, "spawned")
             rank = next((ev["rank"] for ev in evs if ev.get("rank") is not None),
                         spawned.get("index") if spawned else None)
             start = next((ev for ev in evs if ev.get("type") == "process"), None)
-            if rank is None or start is None or pid == self.proc.pid:
-                continue  # the launcher itself, or a process that never knew its rank
+            if rank is None or start is None or pid in launchers:
+                continue  # a launcher itself, or a process that never knew its rank
             code = failed.get(pid, child_exit.get(pid))
             workers.append(self._worker(pid, rank, start, evs, code, stopped.get(pid), child_signal.get(pid),
                                         spawned))
@@ -349,10 +522,12 @@ class _LaunchRun:
     def _worker(self, pid, rank, start, evs, code, stopped_by, parent_signal, spawned) -> WorkerResult:
         """How one worker ended. ``code``: its exit code as its launcher reported it (the
         agent's log, or the spawning parent's record; negative: the signal)."""
-        attempt, local_rank = start.get("attempt", 0), start.get("local_rank")
+        attempt, local_rank, node = start.get("attempt", 0), start.get("local_rank"), start.get("node")
         if local_rank is None and spawned is not None:
             local_rank = spawned.get("index")
-        w = WorkerResult(rank=rank, status="exited", attempt=attempt, local_rank=local_rank, pid=pid)
+        w = WorkerResult(rank=rank, status="exited", attempt=attempt, local_rank=local_rank, pid=pid, node=node or 0)
+        lost = next((a.lost for a in self.agents if node is not None and a.node == node and a.lost
+                     and a.lost.get("signals_node")), None)
         exc, exited = _first(evs, "exception"), _first(evs, "exit")
         killer = next((ev for ev in evs if ev.get("type") == "fault" and ev.get("kills_with")), None)
         frozen = self.frozen.get(pid) or _first(evs, "fault", freezes=True)
@@ -360,8 +535,8 @@ class _LaunchRun:
         stack_file = env_plan.stack_path(self.events_path, pid)
         end = None
         if local_rank is not None and start.get("local_rank") is not None:
-            w.stdout, w.stderr = (read_tail(p) for p in self._worker_logs(attempt, local_rank))
-            w.error_file = self._error_file(attempt, local_rank)
+            w.stdout, w.stderr = (read_tail(p) for p in self._worker_logs(node, attempt, local_rank))
+            w.error_file = self._error_file(node, attempt, local_rank)
         if code is not None:
             w.exit_code, w.signal = (code, None) if code >= 0 else (None, -code)
         # The first sign of its end; after the deadline, an end does not count as finishing.
@@ -404,6 +579,9 @@ class _LaunchRun:
             end = gone
         elif killer is not None and exited is None:
             w.status, w.signal, end = "killed", killer["kills_with"], killer.get("time")
+        elif lost is not None and exited is None and attempt == lost.get("attempt", 0):
+            w.status, w.signal = "killed", int(lost["signals_node"])
+            w.note, end = f"its node was lost: {lost.get('spec')} (the plan)", gone
         elif stopped_by is not None and exited is None:
             w.status, w.signal = "killed", int(getattr(signal, stopped_by, signal.SIGTERM))
             w.note, end = AGENT_STOPPED, gone
@@ -430,11 +608,14 @@ class _LaunchRun:
         fired = {(ev.get("attempt", 0), ev.get("spec"), ev.get("rank"))
                  for ev in events if ev.get("type") == "fault"}
         world: dict[int, int] = {}
+        nodes: dict[int, set] = {}     # attempt -> the nodes whose workers armed in it (nnodes > 1)
         why_in_rank: dict[tuple, str] = {}
         for ev in events:
             a = ev.get("attempt", 0)
             if ev.get("type") == "armed" and ev.get("world_size"):
                 world[a] = max(world.get(a, 0), ev["world_size"])
+                if ev.get("node") is not None:
+                    nodes.setdefault(a, set()).add(ev["node"])
             if ev.get("type") == "exit":
                 for item in ev.get("unfired") or ():
                     why_in_rank[(a, item.get("spec"), ev.get("rank"))] = item.get("why", "")
@@ -449,7 +630,13 @@ class _LaunchRun:
                                                                       f"made {restarts} restart{plural})",
                                             attempt=a))
                     continue
-                rank = item.fault.resolved_rank(world[a]) if a in world else item.fault.rank
+                try:
+                    rank = item.fault.resolved_rank(world[a], len(nodes.get(a, ())) or 1) if a in world \
+                        else item.fault.rank
+                except FaultSpecError as e:  # the attempt's group (fewer nodes after a loss) has no such place
+                    out.append(UnfiredFault(spec, item.fault.rank, f"it does not fit attempt {a}'s group: {e}",
+                                            attempt=a))
+                    continue
                 if (a, spec, rank) in fired:
                     continue
                 why = why_in_rank.get((a, spec, rank))
@@ -463,16 +650,17 @@ class _LaunchRun:
                 out.append(UnfiredFault(spec, rank, why, attempt=a))
         return out
 
-    def _attempt_dir(self, attempt: int, local_rank: int) -> str | None:
-        found = glob.glob(os.path.join(glob.escape(self.log_dir), "*", f"attempt_{attempt}", str(local_rank)))
+    def _attempt_dir(self, node: int | None, attempt: int, local_rank: int) -> str | None:
+        log_dir = next((a.log_dir for a in self.agents if a.node == node and a.log_dir), self.log_dir)
+        found = glob.glob(os.path.join(glob.escape(log_dir), "*", f"attempt_{attempt}", str(local_rank)))
         return found[0] if found else None
 
-    def _worker_logs(self, attempt: int, local_rank: int) -> tuple[str, str]:
-        d = self._attempt_dir(attempt, local_rank) or os.devnull
+    def _worker_logs(self, node: int | None, attempt: int, local_rank: int) -> tuple[str, str]:
+        d = self._attempt_dir(node, attempt, local_rank) or os.devnull
         return os.path.join(d, "stdout.log"), os.path.join(d, "stderr.log")
 
-    def _error_file(self, attempt: int, local_rank: int) -> str | None:
-        d = self._attempt_dir(attempt, local_rank)
+    def _error_file(self, node: int | None, attempt: int, local_rank: int) -> str | None:
+        d = self._attempt_dir(node, attempt, local_rank)
         path = d and os.path.join(d, "error.json")
         return path if path and os.path.isfile(path) else None
 

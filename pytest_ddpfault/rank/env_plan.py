@@ -49,7 +49,7 @@ from pytest_ddpfault.procfs import start_ticks
 from pytest_ddpfault.rank.bootstrap import register_stack_dump, set_parent_death_signal
 
 __all__ = [
-    "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_OPLOG", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
+    "AGENTS_ONLY", "ENV_ATTEMPT", "ENV_DIE_WITH_PARENT", "ENV_EVENTS", "ENV_NODE", "ENV_OPLOG", "ENV_PLAN", "PTH_NAME", "EnvPlanError",
     "ScopedFault", "activate", "current_attempt", "format_env_plan", "hook_path",
     "checked_events", "oplog_path", "parse_env_plan", "read_events", "stack_path", "validate_env_plan",
 ]
@@ -62,6 +62,12 @@ ENV_OPLOG = "DDPFAULT_OPLOG"
 # Set by ddp.torchrun: each process dies with its parent (PR_SET_PDEATHSIG), so a killed
 # launcher cannot leave workers behind.
 ENV_DIE_WITH_PARENT = "DDPFAULT_DIE_WITH_PARENT"
+# ENV_DIE_WITH_PARENT's value when only the torchrun agents die with the launcher and
+# their workers may outlive their agent (a plan that kills an agent alone).
+AGENTS_ONLY = "agents"
+# Set by a multi-node ddp.torchrun in each agent's environment: the agent's virtual node.
+# Its events carry it, and the launcher then completes the faults that act on a whole node.
+ENV_NODE = "DDPFAULT_NODE"
 ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
 ANY_ATTEMPT = "*"
@@ -131,21 +137,26 @@ def format_env_plan(plan: Any) -> str:
     return "; ".join(str(f) for f in parse_env_plan(plan))
 
 
-def validate_env_plan(plan: Any, world_size: int | None = None) -> tuple[ScopedFault, ...]:
-    """Parse, and check that every fault can act from inside a process (and fits the group)."""
+def validate_env_plan(plan: Any, world_size: int | None = None, nodes: int | None = None) -> tuple[ScopedFault, ...]:
+    """Parse, and check that every fault can act from inside a process (and fits the group).
+
+    ``nodes``: the plan runs under a multi-node ``ddp.torchrun``, whose launcher completes the
+    kinds that need a harness (``needs_harness``: it signals a whole node)."""
     scoped = parse_env_plan(plan)
     in_rank = ", ".join(k for k in _faults.kinds_with("acts_in_rank") if not _faults.KINDS[k].needs_harness)
     for item in scoped:
         fault = item.fault
-        if not fault.definition.acts_in_rank or fault.definition.needs_harness:
-            raise EnvPlanError(f"{fault.kind} is applied by the ddp.run harness and cannot come from "
-                               f"{ENV_PLAN} (in fault spec {str(item)!r}); in-rank kinds are: {in_rank}")
+        if not fault.definition.acts_in_rank or (fault.definition.needs_harness and not nodes):
+            where = ("the ddp.run harness or a multi-node ddp.torchrun (nnodes > 1)" if fault.definition.acts_in_rank
+                     else "the ddp.run harness")
+            raise EnvPlanError(f"{fault.kind} is applied by {where} and cannot come from "
+                               f"{ENV_PLAN} otherwise (in fault spec {str(item)!r}); in-rank kinds are: {in_rank}")
         if "resume_after" in fault.definition.keys and fault.get("resume_after") is not None:
             raise EnvPlanError(f"hang_rank(resume_after=...) needs the ddp.run harness to send SIGCONT; "
                                f"under {ENV_PLAN} nothing resumes the rank: remove resume_after "
                                f"(in fault spec {str(item)!r})")
         if world_size is not None:
-            fault.validate(world_size)
+            fault.validate(world_size, nodes or 1)
     return scoped
 
 
@@ -224,7 +235,7 @@ def activate(environ: Mapping[str, str] | None = None) -> None:
     text = env.get(ENV_PLAN, "")
     try:
         attempt = current_attempt(env)
-        plan = validate_env_plan(text)
+        plan = validate_env_plan(text, nodes=1 if env.get(ENV_NODE) else None)
         _state = _Activation(plan, attempt, env)
     except FaultSpecError as e:
         _refuse(f"{ENV_PLAN}={text!r} cannot be used: {e}")
@@ -253,14 +264,18 @@ class _Activation:
         self.plan = plan
         self.faults = tuple(item.fault for item in plan if item.applies_to(attempt))
         self.events_path = env.get(ENV_EVENTS) or None
-        self.events = ipc.LineSink(self.events_path, attempt=attempt) if self.events_path else _NoSink()
+        self.node = _env_int(env, ENV_NODE)   # under a multi-node ddp.torchrun
+        stamp = {"attempt": attempt, **({"node": self.node} if self.node is not None else {})}
+        self.events = ipc.LineSink(self.events_path, **stamp) if self.events_path else _NoSink()
         self.env = env
         self.env_rank = _env_int(env, "RANK")
         self.rank: int | None = None      # set once the plan is installed
         self.installed = False
         self.firer = None                 # the installed plan's FaultFirer
         self._stack_file = None
-        self._die_with_parent = env.get(ENV_DIE_WITH_PARENT) == "1"
+        die = env.get(ENV_DIE_WITH_PARENT)
+        # AGENTS_ONLY: a torchrun agent has no RANK (the launcher takes it out), its workers do.
+        self._die_with_parent = die == "1" or (die == AGENTS_ONLY and self.env_rank is None)
 
     def start(self) -> None:
         if self._die_with_parent:
@@ -349,12 +364,16 @@ class _Activation:
         if self.installed:
             return
         self.installed, self.rank = True, rank
+        # Under a multi-node ddp.torchrun: the nodes of this attempt (a node's faults count in
+        # the first worker of group rank N; torchrun orders its agents by address, which is
+        # the node order for up to 9 nodes).
+        nodes = (_env_int(self.env, "GROUP_WORLD_SIZE") or 1) if self.node is not None else 1
         try:
             for fault in self.faults:
-                fault.validate(world_size)
+                fault.validate(world_size, nodes)
             # Every rank counts, with or without a fault due in it in this attempt.
             firer = install_plan(self.faults, rank, world_size, _FreezeAware(self), started=self.started,
-                                 count_without_faults=True, oplog=self._open_oplog())
+                                 count_without_faults=True, oplog=self._open_oplog(), nodes=nodes)
         except FaultSpecError as e:
             raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
                                f"{e}") from None

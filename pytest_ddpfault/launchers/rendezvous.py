@@ -1,0 +1,95 @@
+"""The harness-owned c10d rendezvous endpoint of a multi-node ``ddp.torchrun``, and ``rdzv_conf``.
+
+The endpoint is a TCPStore in a process of its own (``rank/rdzv_host.py``) on a socket this
+process binds to 127.0.0.1, port 0, and listens on before handing it over: no port race,
+no fixed port, and the agents may start connecting at once. No agent hosts it
+(``is_host=false``), so the endpoint outlives any node the plan kills.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.parent.reaping import kill_with_group
+
+# rdzv_conf keys torch's c10d/dynamic rendezvous reads (dynamic_rendezvous.create_handler and
+# c10d_rendezvous_backend), all whole seconds or counts >= 1.
+RDZV_INT_KEYS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+                 "keep_alive_interval", "keep_alive_max_attempt", "read_timeout")
+_HARNESS_KEYS = {"is_host": "the harness hosts the rendezvous store: every agent is a client",
+                 "store_type": "the rendezvous store is the harness's TCPStore"}
+_BACKLOG = 128
+
+
+def parse_rdzv_conf(conf) -> dict[str, int]:
+    """``rdzv_conf`` as a dict or ``"k=v,k=v"``; each key one of ``RDZV_INT_KEYS`` with a
+    whole number >= 1. Raises ValueError naming what is wrong and what is allowed."""
+    if conf is None:
+        return {}
+    if isinstance(conf, str):
+        items = []
+        for piece in (p.strip() for p in conf.split(",")):
+            if not piece:
+                continue
+            key, eq, value = piece.partition("=")
+            if not eq:
+                raise ValueError(f"rdzv_conf {conf!r}: {piece!r} is not key=value (e.g. 'last_call_timeout=1')")
+            items.append((key.strip(), value.strip()))
+    elif isinstance(conf, dict):
+        items = list(conf.items())
+    else:
+        raise ValueError(f"rdzv_conf must be a dict or a 'key=value,...' string, got {type(conf).__name__} {conf!r}")
+    out = {}
+    allowed = ", ".join(RDZV_INT_KEYS)
+    for key, value in items:
+        if key in _HARNESS_KEYS:
+            raise ValueError(f"rdzv_conf {key!r} cannot be set: {_HARNESS_KEYS[key]}; allowed: {allowed}")
+        if key not in RDZV_INT_KEYS:
+            raise ValueError(f"rdzv_conf has an unknown key {key!r}; allowed: {allowed}")
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str) and value.isdecimal():
+            number = int(value)
+        if number is None or number < 1:
+            raise ValueError(f"rdzv_conf {key}={value!r}: must be a whole number >= 1 (seconds, or a count)")
+        out[key] = number
+    return out
+
+
+def format_rdzv_conf(conf: dict) -> str:
+    """The ``--rdzv-conf`` value: ``is_host=false`` and the given keys."""
+    return ",".join(["is_host=false", *(f"{k}={v}" for k, v in conf.items())])
+
+
+class RendezvousEndpoint:
+    """A TCPStore on 127.0.0.1 that the harness owns; ``address`` is ``host:port``."""
+
+    def __init__(self, env: dict, out_path: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(_BACKLOG)   # clients queue here until the store takes the socket over
+            self.port = self.sock.getsockname()[1]
+            fd = self.sock.fileno()
+            with open(out_path, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "pytest_ddpfault.rank.rdzv_host", str(fd), str(self.port), str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(fd,),
+                    start_new_session=True)
+        finally:
+            self.sock.close()  # the store process holds the socket now
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, until: Deadline) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kill_with_group(self.proc.pid)
+            try:
+                self.proc.wait(until.remaining())
+            except subprocess.TimeoutExpired:  # SIGKILLed: gone once the kernel is done with it
+                pass

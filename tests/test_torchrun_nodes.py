@@ -1,0 +1,153 @@
+"""Multi-node ddp.torchrun: one real torchrun agent per virtual node, a machine lost mid-training.
+
+Two nodes of one worker each train ``examples/torchrun/train.py`` (a checkpoint every step),
+with a c10d rendezvous endpoint the harness owns and short rendezvous timeouts
+(``FAST``). ``kill_node`` fires in node 1's worker at step 3 and the launcher SIGKILLs
+node 1's agent and worker together:
+
+- ``min_nodes=1``: node 0's agent restarts its worker, re-rendezvouses alone once node 1's
+  heartbeats have lapsed, and the job finishes from the step-2 checkpoint with the weights
+  of an unfaulted run that goes on with one node from there;
+- ``min_nodes=2``: the re-rendezvous waits for a second node until ``join_timeout`` and the
+  job fails, naming node 1 as lost;
+- the agent alone (``agent_only=true``): nothing in torch notices. The workers finish, and
+  node 0's agent then waits in its exit barrier for the dead agent (300 s in torch).
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from pytest_ddpfault.faults import FaultSpecError
+from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
+from pytest_ddpfault.launchers.torchrun import TorchrunResult, run_script, run_torchrun
+from pytest_ddpfault.rank.env_plan import EnvPlanError
+
+from _helpers import assert_nothing_left
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "examples" / "torchrun" / "train.py"
+STEPS = 6
+LOSE_NODE_1 = "kill_node(node=1, at=step#3)"
+# Node 1's heartbeats lapse after 1 s x 2, the survivors' round closes 1 s after min_nodes
+# joined (torch's defaults: 5 s x 3 and 30 s; see README, "Losing a machine").
+FAST = {"join_timeout": 20, "last_call_timeout": 1, "keep_alive_interval": 1, "keep_alive_max_attempt": 2}
+RUN_TIMEOUT = 60.0   # a bound, not the expected time (10-20 s a run here)
+
+
+def train_args(d: Path, steps: int = STEPS) -> tuple:
+    return "--ckpt-dir", str(d / "ck"), "--out", str(d / "weights.json"), "--steps", str(steps), "--ckpt-every", "1"
+
+
+def weights(d: Path) -> dict:
+    return json.loads((d / "weights.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_node_from_step_2(tmp_path_factory):
+    """The unfaulted reference: two ranks train steps 1-2 and checkpoint, then one rank
+    (node 0's data) goes on from that checkpoint to the end, as plain mp.spawn runs."""
+    d = tmp_path_factory.mktemp("reference")
+    run_script(TRAIN, *train_args(d, steps=2), "--spawn", "2", timeout=RUN_TIMEOUT).assert_ok()
+    run_script(TRAIN, *train_args(d), "--spawn", "1", timeout=RUN_TIMEOUT).assert_ok()
+    out = weights(d)
+    assert out["resumed_from"] == 2
+    return out["weights"]
+
+
+def fired(res: TorchrunResult) -> list[tuple]:
+    return [(e.kind, e.rank, e.node, e.trigger, e.attempt) for e in res.fault_events]
+
+
+@pytest.mark.ddp(world_size=2, timeout=RUN_TIMEOUT)
+def test_a_lost_node_and_the_other_finishes_alone_from_its_checkpoint(ddp, tmp_path, one_node_from_step_2):
+    res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, min_nodes=1, max_restarts=1,
+                       faults=LOSE_NODE_1, rdzv_conf=FAST)
+
+    res.assert_ok()
+    assert fired(res) == [("kill_node", 1, 1, "step#3", 0)]
+    assert res.lost_nodes == [1]
+    assert (res.node(1).signal, res.node(1).restarts) == (signal.SIGKILL, 0)
+    assert (res.node(0).exit_code, res.node(0).restarts) == (0, 1)
+    assert [(w.node, w.rank, w.status) for w in res.attempt(0)] == [(0, 0, "raised"), (1, 1, "killed")]
+    assert [(w.node, w.rank, w.status) for w in res.final] == [(0, 0, "ok")]   # alone: world size 1
+    out = weights(tmp_path)
+    assert (out["attempt"], out["resumed_from"]) == (1, 2)
+    assert out["weights"] == one_node_from_step_2
+    assert "1     127.0.7.2" in res.summary()   # the node table
+    assert_nothing_left(res)
+
+
+@pytest.mark.ddp(world_size=2, timeout=RUN_TIMEOUT)
+def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
+    res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, min_nodes=2, max_restarts=1,
+                       faults=LOSE_NODE_1, rdzv_conf={**FAST, "join_timeout": 5})
+
+    assert not res.ok and not res.timed_out
+    assert res.exit_code == 1   # node 0's agent: its re-rendezvous never found a second node
+    assert res.lost_nodes == [1] and res.node(1).signal == signal.SIGKILL
+    assert "RendezvousTimeoutError" in res.node(0).stderr
+    assert "(lost: node 1)" in res.describe_end()
+    with pytest.raises(AssertionError, match=r"exit code 1 \(lost: node 1\)"):
+        res.assert_ok()
+    assert_nothing_left(res)
+
+
+@pytest.mark.ddp(world_size=2, timeout=15)
+def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path):
+    """Its worker, orphaned, trains on with the others; node 0's agent, done, waits in
+    ``_exit_barrier`` for an agent that will never come (torch: 300 s), here until the deadline."""
+    res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, max_restarts=1,
+                       faults="kill_node(node=1, at=step#3, agent_only=true)", rdzv_conf=FAST)
+
+    assert res.timed_out and res.lost_nodes == [1]
+    assert res.node(1).signal == signal.SIGKILL
+    assert [(w.node, w.status) for w in res.workers] == [(0, "ok"), (1, "ok")]   # one attempt, finished
+    assert weights(tmp_path)["resumed_from"] == 0
+    assert res.node(0).timed_out and "_exit_barrier" in res.node(0).stack
+    assert_nothing_left(res)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"nnodes": 0}, "nnodes must be a whole number >= 1"),
+    ({"nnodes": True}, "nnodes must be a whole number >= 1"),
+    ({"nnodes": 2, "min_nodes": 3}, "min_nodes must be a whole number from 1 to nnodes=2"),
+    ({"nnodes": 2, "min_nodes": 0}, "min_nodes must be a whole number from 1 to nnodes=2"),
+    ({"nnodes": 2, "rdzv_conf": "last_call_timeout"}, "is not key=value"),
+    ({"nnodes": 2, "rdzv_conf": {"last_call": 1}}, "unknown key 'last_call'; allowed: join_timeout"),
+    ({"nnodes": 2, "rdzv_conf": "join_timeout=1.5"}, r"join_timeout='1.5': must be a whole number >= 1"),
+    ({"nnodes": 2, "rdzv_conf": {"is_host": True}}, "the harness hosts the rendezvous store"),
+    ({"nnodes": 2, "rdzv_conf": 3}, "rdzv_conf must be a dict or"),
+])
+def test_bad_node_arguments_fail_before_anything_starts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_torchrun(TRAIN, nproc=1, timeout=5, **kwargs)
+
+
+@pytest.mark.ddp(world_size=4)
+def test_ddp_torchrun_checks_nproc_against_the_world_size(ddp):
+    with pytest.raises(ValueError, match="nnodes=3 does not divide world_size=4"):
+        ddp.torchrun(TRAIN, nnodes=3)
+    with pytest.raises(ValueError, match="make 6 workers, not world_size=4"):
+        ddp.torchrun(TRAIN, nnodes=2, nproc=3)
+
+
+def test_a_node_fault_needs_a_multi_node_launcher():
+    """Without agents to signal, nothing completes a node fault: refused up front, and in
+    the environment of a plain script."""
+    with pytest.raises(EnvPlanError, match=r"kill_node is applied by the ddp.run harness or a multi-node "
+                                           r"ddp.torchrun \(nnodes > 1\)"):
+        run_torchrun(TRAIN, nproc=2, faults=LOSE_NODE_1, timeout=5)
+    with pytest.raises(EnvPlanError, match="kill_node is applied by"):
+        run_script(TRAIN, faults=LOSE_NODE_1, timeout=5)
+    with pytest.raises(FaultSpecError, match="node 2 is outside the group"):
+        run_torchrun(TRAIN, nproc=1, nnodes=2, faults="kill_node(node=2)", timeout=5)
+
+
+def test_rdzv_conf_forms():
+    assert parse_rdzv_conf("last_call_timeout=1, join_timeout=30") == {"last_call_timeout": 1, "join_timeout": 30}
+    assert parse_rdzv_conf({"keep_alive_interval": "2"}) == {"keep_alive_interval": 2}
+    assert parse_rdzv_conf(None) == parse_rdzv_conf("") == {}
