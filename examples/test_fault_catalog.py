@@ -173,3 +173,50 @@ def test_latency_slows_init(ddp):
     res = ddp.run(timed_init)
     res.assert_all_ok()
     assert min(res.values) >= 0.4
+
+
+# -- network faults between ranks (scoped: the gloo data plane) --------------------------
+
+def timed_steps(steps=4, pg_timeout=2.0):
+    """One all_reduce per step(); what each took and the sum (ranks 0..3 -> 4**steps)."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
+    dist.barrier()  # every pair connected before a fault can land
+    t = torch.ones(1)
+    took = []
+    for _ in range(steps):
+        pytest_ddpfault.step()
+        start = time.monotonic()
+        dist.all_reduce(t)
+        took.append(time.monotonic() - start)
+    dist.destroy_process_group()
+    return took, t.item()
+
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=step#3)")
+def test_partition_times_out_both_sides(ddp):
+    res = ddp.run(timed_steps)
+    # nothing gets through, not even a close: both sides time out in all_reduce #3
+    res.assert_survivors_raised(RuntimeError, match="Timed out")
+    assert {(r.last_op.name, r.last_op.seq) for r in res} == {("all_reduce", 3)}
+
+
+@pytest.mark.ddp(world_size=4, nodes=2, fault="partition(nodes=(1,), at=step#3, duration=0.8)")
+def test_short_partition_is_survived(ddp):
+    res = ddp.run(timed_steps, pg_timeout=5.0)
+    res.assert_all_ok()
+    for took, total in res.values:
+        assert total == 4.0 ** 4 and took[2] >= 0.7   # held back 0.8 s, nothing lost
+
+
+@pytest.mark.ddp(world_size=4, nodes=2, fault="partition(nodes=(1,), at=step#2, mode=reject)")
+def test_rejecting_partition_fails_fast(ddp):
+    res = ddp.run(timed_steps, pg_timeout=20.0)
+    res.assert_survivors_raised(RuntimeError, match="peer", within=10)   # not the 20 s timeout
+
+
+@pytest.mark.ddp(world_size=2, fault="latency(ranks=(1,), latency=100)")
+def test_latency_on_a_ranks_links(ddp):
+    res = ddp.run(timed_steps)
+    res.assert_all_ok()
+    # every all_reduce crosses the one link at least once each way: >= 2 x 100 ms
+    assert min(min(took) for took, _ in res.values) >= 0.18

@@ -48,9 +48,12 @@ IN_RANK_FORMS = frozenset({"op", "step"})
 SCOPE = (Param("ranks", IndexSet("rank"), None, "act on the links between these ranks and all others"),
          Param("nodes", IndexSet("node"), None, "act on the links between these nodes' ranks and all others"))
 SCOPED_RANK = Param("rank", RANK.type, None, "the rank that counts an in-rank trigger (default: the set's lowest)")
-# partition(mode=drop) holds the bytes back with a latency toxic longer than any run: when
-# it is removed, Toxiproxy (and the embedded server) deliver what it held, none lost.
+# partition(mode=drop) holds the bytes back with a latency toxic longer than any run, and a
+# peer's close behind them with a slow_close as long (a rank that gave up must not tell the
+# other side through the cut): when they are removed, Toxiproxy (and the embedded server)
+# deliver what they held, none lost.
 HOLD_MS = 24 * 3600 * 1000
+HOLD_TOXICS = (("latency", {"latency": HOLD_MS, "jitter": 0}), ("slow_close", {"delay": HOLD_MS}))
 BOTH_STREAMS = ("upstream", "downstream")
 
 
@@ -243,16 +246,18 @@ class Partition(_Network):
         if fault.get("mode") == "reject":
             proxy.set_enabled(False)
             return
-        for stream in BOTH_STREAMS:
-            proxy.add_toxic({"name": self.toxic_name(fault, stream), "type": "latency", "stream": stream,
-                             "toxicity": 1.0, "attributes": {"latency": HOLD_MS, "jitter": 0}})
+        for stream in BOTH_STREAMS:  # the bytes, then a close behind them: neither gets through
+            for toxic, attributes in HOLD_TOXICS:
+                proxy.add_toxic({"name": f"{self.toxic_name(fault, stream)}_{toxic}", "type": toxic,
+                                 "stream": stream, "toxicity": 1.0, "attributes": attributes})
 
     def remove(self, fault: Fault, proxy) -> None:
         if fault.get("mode") == "reject":
             proxy.set_enabled(True)
             return
         for stream in BOTH_STREAMS:
-            proxy.remove_toxic(self.toxic_name(fault, stream))
+            for toxic, _ in HOLD_TOXICS:
+                proxy.remove_toxic(f"{self.toxic_name(fault, stream)}_{toxic}")
 
 
 class _Toxic(_Network):

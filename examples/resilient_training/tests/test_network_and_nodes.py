@@ -1,0 +1,51 @@
+"""The training job across two machines: a network partition between them, and a machine
+lost. Two virtual nodes of one rank each (the sums of two gradients are exact, so "the
+same weights" is checked bit for bit)."""
+import signal
+
+import pytest
+
+from resilient_training import TrainConfig, train
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ckpt"), pg_timeout=2.0)
+
+
+@pytest.fixture
+def reference(ddp, tmp_path):
+    """The final weights of an unfaulted run."""
+    res = ddp.run(train, TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ref"), pg_timeout=2.0),
+                  faults=None)
+    res.assert_all_ok()
+    return res.values[0]["weights"]
+
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=step#3, duration=0.5)", timeout=30)
+def test_a_partition_shorter_than_the_timeout_is_ridden_out(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    res.assert_all_ok()                                   # held back 0.5 s, nothing lost
+    assert {v["weights"] for v in res.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=step#4)", timeout=30)
+def test_a_lasting_partition_fails_both_sides_then_the_job_resumes(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    # both machines are alive: each side times out waiting for the other
+    res.assert_survivors_raised(RuntimeError, match="Timed out", within=cfg.pg_timeout + 3)
+    resumed = ddp.run(train, cfg, faults=None)            # the network is back; the job restarts
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {2}
+    assert {v["weights"] for v in resumed.values} == {reference}
+
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="kill_node(node=1, at=step#4)", timeout=30)
+def test_a_lost_machine_is_detected_at_once_and_the_job_resumes(ddp, cfg, reference):
+    res = ddp.run(train, cfg)
+    assert res[1].killed_by(signal.SIGKILL) and res[1].node == 1
+    res.assert_survivors_raised(RuntimeError, within=5)   # a dead peer: the connection closes
+    resumed = ddp.run(train, cfg, faults=None)            # a replacement machine joins
+    resumed.assert_all_ok()
+    assert {v["resumed_from"] for v in resumed.values} == {2}
+    assert {v["weights"] for v in resumed.values} == {reference}
