@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
 from pytest_ddpfault.launchers.torchrun import TorchrunResult, run_script, run_torchrun
@@ -96,7 +97,7 @@ def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
     assert_nothing_left(res)
 
 
-@pytest.mark.ddp(world_size=2, timeout=15)
+@pytest.mark.ddp(world_size=2, timeout=18)
 def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path):
     """Its worker, orphaned, trains on with the others; node 0's agent, done, waits in
     ``_exit_barrier`` for an agent that will never come (torch: 300 s), here until the deadline."""
@@ -145,6 +146,11 @@ def test_a_node_fault_needs_a_multi_node_launcher():
         run_script(TRAIN, faults=LOSE_NODE_1, timeout=5)
     with pytest.raises(FaultSpecError, match="node 2 is outside the group"):
         run_torchrun(TRAIN, nproc=1, nnodes=2, faults="kill_node(node=2)", timeout=5)
+
+
+def test_an_agent_only_kill_is_refused_where_there_is_no_agent():
+    with pytest.raises(FaultSpecError, match="agent_only=true needs torchrun agents"):
+        DDP(world_size=2, nodes=2, faults="kill_node(node=1, agent_only=true)")
 
 
 def test_rdzv_conf_forms():

@@ -120,6 +120,9 @@ class FaultKind:
         """True when the fault fires on every counted call from its trigger on."""
         return False
 
+    def check_group_run(self, fault: Fault) -> None:
+        """Checks for a plan the ddp.run harness carries out (not a launched run's); raise FaultSpecError."""
+
     def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
         """Checks against the group (``world_size`` ranks on ``nodes`` nodes); raise FaultSpecError."""
         if fault.rank is not None and fault.rank >= world_size:

@@ -57,6 +57,12 @@ class KillNode(_Targeting):
               Param("agent_only", BOOL, False, "ddp.torchrun with nnodes > 1: signal the node's torchrun "
                     "agent alone, its workers are left to what follows", Fuzz.never()))
 
+    def check_group_run(self, fault: Fault) -> None:
+        if fault.get("agent_only"):  # ddp.run's ranks have no agent: nothing would happen
+            raise FaultSpecError(f"agent_only=true needs torchrun agents: give the plan to "
+                                 f"ddp.torchrun(..., nnodes=2 or more, faults=...), not to ddp.run or the marker "
+                                 f"(in fault spec {str(fault)!r})")
+
     def _node(self, fault: Fault, nodes: int) -> int:
         node = fault.get("node")
         return nodes - 1 if node is None else node

@@ -257,6 +257,7 @@ def validate_plan(faults: Any, world_size: int, nodes: int = 1) -> tuple[Fault, 
     check_nodes(nodes, world_size)
     for fault in plan:
         fault.validate(world_size, nodes)
+        fault.definition.check_group_run(fault)
     counts = Counter(f.kind for f in plan)
     for name, n in counts.items():
         if n > 1 and KINDS[name].once_per_plan:
