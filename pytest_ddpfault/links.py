@@ -23,13 +23,30 @@ from typing import Any
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
 
-__all__ = ["PROXY_HOST", "LinkProxies", "LinkProxy", "crossing", "install", "installed"]
+__all__ = ["NODE_NET", "PROXY_HOST", "LinkProxies", "LinkProxy", "crossing", "install", "installed", "node_address",
+           "node_of_address"]
 
+# Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
+NODE_NET = 127 << 24 | 7 << 8
 # Below every node address (127.0.7.1, ...): gloo lets the larger address connect, so the
 # rank that connects to a proxy stays the one that would have connected to the peer.
 PROXY_HOST = "127.0.0.1"
 _UNSET_UPSTREAM = f"{PROXY_HOST}:9"   # until the connecting rank points the proxy at its peer
 _names = itertools.count()
+
+
+def node_address(node: int) -> str:
+    """The IPv4 loopback address of virtual node ``node`` (127.0.7.1 for node 0, ...)."""
+    value = NODE_NET + (node // 254) * 256 + node % 254 + 1
+    return ".".join(str(value >> shift & 255) for shift in (24, 16, 8, 0))
+
+
+def node_of_address(packed: bytes) -> int | None:
+    """The virtual node whose address ``packed`` (4 bytes, network order) is, else None."""
+    offset = int.from_bytes(packed, "big") - NODE_NET
+    node = (offset >> 8) * 254 + (offset & 255) - 1
+    return node if 0 <= offset and 1 <= offset & 255 <= 254 and node_address(node) == \
+        ".".join(map(str, packed)) else None
 
 
 def crossing(side: Iterable[int], world_size: int) -> set[tuple[int, int]]:
@@ -92,6 +109,14 @@ class LinkProxies:
 
     def between(self, a: int, b: int) -> LinkProxy | None:
         return self.proxies.get((min(a, b), max(a, b)))
+
+    def place(self, rank: int, address: bytes) -> int | None:
+        """The place (``node * per_node + local rank``) of the process with ``rank`` whose gloo
+        listens on ``address``: its rank under ``ddp.run``; under multi-node torchrun, where
+        ranks are given anew at each rendezvous, the same place for the same node's worker."""
+        node = node_of_address(address)
+        per_node = self.world_size // self.nodes
+        return None if node is None or node >= self.nodes else node * per_node + rank % per_node
 
     def of_fault(self, fault: Any) -> list[LinkProxy]:
         """The proxies of the links ``fault`` crosses, by link."""

@@ -8,6 +8,7 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
+from pytest_ddpfault.links import NODE_NET, node_address  # noqa: F401  (where they are used from)
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.errors import SettingsError
 
@@ -18,8 +19,6 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 DEFAULT_WORLD_SIZE = 2
 MARKER_SIGNATURE = "ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False)"
 MARKER_KEYS = ("world_size", "nodes", "fault", "timeout", "backend", "proxy")
-# Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
-NODE_NET = 127 << 24 | 7 << 8
 
 
 def check_timeout(value, source: str) -> float:
@@ -46,12 +45,6 @@ def check_nodes(value, world_size: int, source: str) -> int:
         raise SettingsError(f"nodes {value!r} from {source}: must be an int >= 1 that divides "
                             f"world_size={world_size}")
     return value
-
-
-def node_address(node: int) -> str:
-    """The IPv4 loopback address of virtual node ``node`` (127.0.7.1 for node 0, ...)."""
-    value = NODE_NET + (node // 254) * 256 + node % 254 + 1
-    return ".".join(str(value >> shift & 255) for shift in (24, 16, 8, 0))
 
 
 def parse_flag(value, source: str) -> bool:

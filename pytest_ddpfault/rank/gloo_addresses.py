@@ -7,7 +7,10 @@ pair ids``, where the address is gloo's ``Address::Impl`` — a ``sockaddr_stora
 Each pair is one TCP connection, opened by the side with the larger address (gloo's
 ``Device::isInitiator``: address bytes, then the port as stored).
 
-``AddressRewritingStore`` wraps the store handed to gloo. Reading a peer's value, the
+Links are known by the places of their two ends (``LinkProxies.place``: node and local
+rank, from the listening address and the rank), which under multi-node torchrun stay the
+same across rendezvous while the ranks do not. ``AddressRewritingStore`` wraps the store
+handed to gloo. Reading a peer's value, the
 rank that will connect a crossed link points that link's proxy at the peer's real
 listener and hands gloo the proxy's address instead; the peer, which listens, reads the
 connecting rank's own address unchanged. The proxies listen on 127.0.0.1, below every
@@ -98,7 +101,8 @@ def rewriting_store(inner, rank: int, table: LinkProxies):
             peer = parse_published(key, bytes(value))
             if peer is None or self.own is None or peer.rank == rank:
                 return value
-            proxy = table.between(rank, peer.rank)
+            own, other = table.place(rank, self.own.ip), table.place(peer.rank, peer.ip)
+            proxy = None if own is None or other is None else table.between(own, other)
             if proxy is None or not self.own.connects_to(peer):
                 return value  # not crossed, or the peer connects (through its own view)
             if peer.rank not in self.pointed:
