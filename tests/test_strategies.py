@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import pytest_ddpfault.strategies as strategies
 from pytest_ddpfault import Fault
-from pytest_ddpfault.faults import KINDS, parse_plan
+from pytest_ddpfault.faults import KINDS, parse_plan, validate_plan
 from pytest_ddpfault.strategies import fault_plans, faults, triggers
 
 from _workloads import ddp_training
@@ -154,3 +154,22 @@ def test_plans_shrink_toward_the_simplest_kind():
 
     plan = find(fault_plans(3, max_faults=1), lambda p: len(p) == 1)
     assert plan[0].kind == "kill_rank"
+
+
+def test_scoped_network_faults_are_drawn_and_valid():
+    from pytest_ddpfault.faults.network import scope_of
+
+    seen = set()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(fault_plans(4, kinds=["partition", "latency"], nodes=2))
+    def collect(plan):
+        validate_plan(plan, 4, nodes=2)
+        for f in plan:
+            scope = scope_of(f)
+            seen.add(scope[0] if scope else "store")
+            if scope:  # a cut has two sides
+                assert 0 < len(f.definition.scope_ranks(f, 4, 2)) < 4
+
+    collect()
+    assert seen == {"ranks", "nodes", "store"}
