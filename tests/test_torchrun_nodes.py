@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ddpfault import run_group
 from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
@@ -47,13 +48,29 @@ def weights(d: Path) -> dict:
     return json.loads((d / "weights.json").read_text())
 
 
+def train_in_rank(script: str, argv: tuple) -> None:
+    """The script's training loop in a rank of ``run_group`` (init=True): same model, data and math."""
+    import importlib.util
+    import os
+
+    import torch.distributed as dist
+
+    spec = importlib.util.spec_from_file_location("nodes_train", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(list(argv))
+    os.makedirs(args.ckpt_dir, exist_ok=True)
+    module.train(args, dist.get_rank(), dist.get_world_size())
+
+
 @pytest.fixture(scope="module")
 def one_node_from_step_2(tmp_path_factory):
     """The unfaulted reference: two ranks train steps 1-2 and checkpoint, then one rank
-    (node 0's data) goes on from that checkpoint to the end, as plain mp.spawn runs."""
+    (node 0's data) goes on from that checkpoint to the end."""
     d = tmp_path_factory.mktemp("reference")
-    run_script(TRAIN, *train_args(d, steps=2), "--spawn", "2", timeout=RUN_TIMEOUT).assert_ok()
-    run_script(TRAIN, *train_args(d), "--spawn", "1", timeout=RUN_TIMEOUT).assert_ok()
+    run_group(train_in_rank, str(TRAIN), train_args(d, steps=2), world_size=2, init=True,
+              timeout=RUN_TIMEOUT).assert_all_ok()
+    run_group(train_in_rank, str(TRAIN), train_args(d), world_size=1, init=True, timeout=RUN_TIMEOUT).assert_all_ok()
     out = weights(d)
     assert out["resumed_from"] == 2
     return out["weights"]

@@ -476,21 +476,24 @@ class _LaunchRun:
     def _job_code(self) -> int:
         """The launchers' end as one exit code (negative: a signal): the first launcher the
         plan did not signal that failed, else 0; where the plan signalled every one, the first's."""
+        def code(a: _Agent) -> int:  # None: it outlived the clean-up budget after SIGKILL
+            return -signal.SIGKILL if a.proc.returncode is None else a.proc.returncode
+
         survivors = [a for a in self.agents if a.lost is None]
-        failed = next((a for a in survivors if a.proc.returncode != 0), None)
+        failed = next((a for a in survivors if code(a) != 0), None)
         if failed is not None:
-            return failed.proc.returncode
-        return 0 if survivors else self.agents[0].proc.returncode
+            return code(failed)
+        return 0 if survivors else code(self.agents[0])
 
     def _node_result(self, agent: _Agent, output: tuple[str, str], workers: list) -> NodeResult:
         code = agent.proc.returncode
+        code = -signal.SIGKILL if code is None else code
         lost = None
         if agent.lost is not None:
             lost = f"{agent.lost.get('spec')} at {agent.lost.get('trigger')} in attempt {agent.lost.get('attempt', 0)}"
         stack = read_tail(env_plan.stack_path(self.events_path, agent.proc.pid)) if self.timed_out else ""
         return NodeResult(node=agent.node, address=node_address(agent.node),
-                          exit_code=code if code is not None and code >= 0 else None,
-                          signal=-code if code is not None and code < 0 else None,
+                          exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
                           restarts=max((w.attempt for w in workers if w.node == agent.node), default=0),
                           lost=lost, pid=agent.proc.pid, stdout=output[0], stderr=output[1],
                           timed_out=self.timed_out and agent.proc.pid in self.ended, stack=stack or None)
