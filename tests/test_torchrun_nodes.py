@@ -16,6 +16,7 @@ node 1's agent and worker together:
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
 from pytest_ddpfault.launchers.torchrun import TorchrunResult, run_script, run_torchrun
 from pytest_ddpfault.rank.env_plan import EnvPlanError
 
-from _helpers import assert_nothing_left
+from _helpers import assert_nothing_left, children_of, poll
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "torchrun" / "train.py"
@@ -42,6 +43,15 @@ RUN_TIMEOUT = 60.0   # a bound, not the expected time (10-20 s a run here)
 
 def train_args(d: Path, steps: int = STEPS) -> tuple:
     return "--ckpt-dir", str(d / "ck"), "--out", str(d / "weights.json"), "--steps", str(steps), "--ckpt-every", "1"
+
+
+@pytest.fixture
+def no_launcher_left():
+    """Every process the test's launched run started here (agents, the rendezvous store) is gone after it."""
+    before = set(children_of(os.getpid()))
+    yield
+    poll(lambda: set(children_of(os.getpid())) <= before, 2.0)
+    assert set(children_of(os.getpid())) <= before, f"left behind: {set(children_of(os.getpid())) - before}"
 
 
 def weights(d: Path) -> dict:
@@ -81,7 +91,8 @@ def fired(res: TorchrunResult) -> list[tuple]:
 
 
 @pytest.mark.ddp(world_size=2, timeout=RUN_TIMEOUT)
-def test_a_lost_node_and_the_other_finishes_alone_from_its_checkpoint(ddp, tmp_path, one_node_from_step_2):
+def test_a_lost_node_and_the_other_finishes_alone_from_its_checkpoint(ddp, tmp_path, one_node_from_step_2,
+                                                                     no_launcher_left):
     res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, min_nodes=1, max_restarts=1,
                        faults=LOSE_NODE_1, rdzv_conf=FAST)
 
@@ -115,7 +126,7 @@ def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
 
 
 @pytest.mark.ddp(world_size=2, timeout=18)
-def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path):
+def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path, no_launcher_left):
     """Its worker, orphaned, trains on with the others; node 0's agent, done, waits in
     ``_exit_barrier`` for an agent that will never come (torch: 300 s), here until the deadline."""
     res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, max_restarts=1,

@@ -63,7 +63,8 @@ from pytest_ddpfault.results import (
 )
 from pytest_ddpfault.rank.hooks import NODE_ADDR_ENV
 from pytest_ddpfault.rank.oplog import read_oplog
-from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout, node_address
+from pytest_ddpfault.links import node_address
+from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 
 __all__ = ["AttemptFaultEvent", "NodeResult", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
            "check_nnodes", "run_script", "run_torchrun"]
