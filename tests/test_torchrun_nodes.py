@@ -113,7 +113,7 @@ def test_a_lost_node_and_the_other_finishes_alone_from_its_checkpoint(ddp, tmp_p
 @pytest.mark.ddp(world_size=2, timeout=RUN_TIMEOUT)
 def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
     res = ddp.torchrun(TRAIN, *train_args(tmp_path), nnodes=2, min_nodes=2, max_restarts=1,
-                       faults=LOSE_NODE_1, rdzv_conf={**FAST, "join_timeout": 5})
+                       faults=LOSE_NODE_1, rdzv_conf={**FAST, "join_timeout": 8})
 
     assert not res.ok and not res.timed_out
     assert res.exit_code == 1   # node 0's agent: its re-rendezvous never found a second node
@@ -125,7 +125,7 @@ def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
     assert_nothing_left(res)
 
 
-@pytest.mark.ddp(world_size=2, timeout=18)
+@pytest.mark.ddp(world_size=2, timeout=20)
 def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path, no_launcher_left):
     """Its worker, orphaned, trains on with the others; node 0's agent, done, waits in
     ``_exit_barrier`` for an agent that will never come (torch: 300 s), here until the deadline."""
