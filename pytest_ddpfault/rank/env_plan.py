@@ -34,6 +34,7 @@ Imported in every such process: stdlib and ``pytest_ddpfault.faults`` only until
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -68,6 +69,9 @@ AGENTS_ONLY = "agents"
 # Set by a multi-node ddp.torchrun in each agent's environment: the agent's virtual node.
 # Its events carry it, and the launcher then completes the faults that act on a whole node.
 ENV_NODE = "DDPFAULT_NODE"
+# Set by a multi-node ddp.torchrun whose plan holds a scoped network fault: the table of the
+# run's link proxies (links.LinkProxies.to_wire(), as JSON) the workers' gloo goes through.
+ENV_LINKS = "DDPFAULT_LINKS"
 ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
 ANY_ATTEMPT = "*"
@@ -151,6 +155,10 @@ def validate_env_plan(plan: Any, world_size: int | None = None, nodes: int | Non
                      else "the ddp.run harness")
             raise EnvPlanError(f"{fault.kind} is applied by {where} and cannot come from "
                                f"{ENV_PLAN} otherwise (in fault spec {str(item)!r}); in-rank kinds are: {in_rank}")
+        if nodes and fault.definition.proxies_store(fault):
+            raise EnvPlanError(f"{fault.kind} without ranks= or nodes= acts on the store's path, which only the "
+                               f"ddp.run harness proxies; under ddp.torchrun give it a scope, e.g. nodes=(1,) "
+                               f"(in fault spec {str(item)!r})")
         if "resume_after" in fault.definition.keys and fault.get("resume_after") is not None:
             raise EnvPlanError(f"hang_rank(resume_after=...) needs the ddp.run harness to send SIGCONT; "
                                f"under {ENV_PLAN} nothing resumes the rank: remove resume_after "
@@ -368,6 +376,11 @@ class _Activation:
         # the first worker of group rank N; torchrun orders its agents by address, which is
         # the node order for up to 9 nodes).
         nodes = (_env_int(self.env, "GROUP_WORLD_SIZE") or 1) if self.node is not None else 1
+        table = self.env.get(ENV_LINKS)
+        if table:  # gloo's links that a scoped fault crosses go through their proxies
+            from pytest_ddpfault import links
+
+            links.install(links.LinkProxies.from_wire(json.loads(table)))
         try:
             for fault in self.faults:
                 fault.validate(world_size, nodes)
