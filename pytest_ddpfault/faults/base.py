@@ -120,6 +120,11 @@ class FaultKind:
         """True when the fault fires on every counted call from its trigger on."""
         return False
 
+    def orphans_workers(self, fault: Fault) -> bool:
+        """True when the fault kills a torchrun agent and leaves its workers running (they
+        must not die with it, as the launched run's processes otherwise do)."""
+        return False
+
     def check_group_run(self, fault: Fault) -> None:
         """Checks for a plan the ddp.run harness carries out (not a launched run's); raise FaultSpecError."""
 

@@ -57,6 +57,9 @@ class KillNode(_Targeting):
               Param("agent_only", BOOL, False, "ddp.torchrun with nnodes > 1: signal the node's torchrun "
                     "agent alone, its workers are left to what follows", Fuzz.never()))
 
+    def orphans_workers(self, fault: Fault) -> bool:
+        return fault.get("agent_only")
+
     def check_group_run(self, fault: Fault) -> None:
         if fault.get("agent_only"):  # ddp.run's ranks have no agent: nothing would happen
             raise FaultSpecError(f"agent_only=true needs torchrun agents: give the plan to "

@@ -58,9 +58,10 @@ def parse_rdzv_conf(conf) -> dict[str, int]:
     return out
 
 
-def format_rdzv_conf(conf: dict) -> str:
-    """The ``--rdzv-conf`` value: ``is_host=false`` and the given keys."""
-    return ",".join(["is_host=false", *(f"{k}={v}" for k, v in conf.items())])
+def format_rdzv_conf(conf: dict, client: bool = True) -> str:
+    """The ``--rdzv-conf`` value: the given keys, after ``is_host=false`` for an agent of the
+    harness's endpoint (``client``)."""
+    return ",".join([*(["is_host=false"] if client else []), *(f"{k}={v}" for k, v in conf.items())])
 
 
 class RendezvousEndpoint:

@@ -110,12 +110,12 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
     sizes = [f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
     if nnodes == 1:
         run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"})
-        extra = [f"--rdzv-conf={','.join(f'{k}={v}' for k, v in conf.items())}"] if conf else []
+        extra = [f"--rdzv-conf={format_rdzv_conf(conf, client=False)}"] if conf else []
         agent = _Agent(None, [*torchrun, "--standalone", "--nnodes=1", *sizes, f"--log-dir={run.log_dir}",
                               "--tee=3", *extra, *script])
         return run.run(lambda: [agent], max_restarts)
     # An agent alone may die only where the plan kills one: otherwise every worker dies with its agent.
-    alone = any(item.fault.get("agent_only") for item in plan if "agent_only" in item.fault.definition.keys)
+    alone = any(item.fault.definition.orphans_workers(item.fault) for item in plan)
     run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"},
                      die_with_parent=env_plan.AGENTS_ONLY if alone else "1")
     size = f"{min_nodes}:{nnodes}" if min_nodes != nnodes else str(nnodes)
