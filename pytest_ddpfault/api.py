@@ -86,7 +86,8 @@ class DDP:
         with self._slots(nnodes * (nproc + 1), Deadline.after(SETUP_BUDGET)):  # the workers and the agents
             result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
                                   faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
-                                  nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf, **options)
+                                  nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf,
+                                  **{"toxiproxy": self.toxiproxy, **options})
         self.results.append(result)
         return result
 

@@ -185,3 +185,31 @@ def test_rdzv_conf_forms():
     assert parse_rdzv_conf("last_call_timeout=1, join_timeout=30") == {"last_call_timeout": 1, "join_timeout": 30}
     assert parse_rdzv_conf({"keep_alive_interval": "2"}) == {"keep_alive_interval": 2}
     assert parse_rdzv_conf(None) == parse_rdzv_conf("") == {}
+
+
+@pytest.mark.ddp(world_size=2, timeout=25)
+def test_a_partition_between_the_nodes(ddp, tmp_path, one_node_from_step_2, no_launcher_left):
+    """Node 1 cut off at step 3, workers and agent alike: both workers time out (2 s), node 0's
+    agent re-rendezvouses alone once node 1's heartbeats lapse and finishes from the step-2
+    checkpoint; node 1's agent, whose rendezvous store calls get no answer, stays blocked in
+    them (``read_timeout`` does not end them) until the harness deadline."""
+    res = ddp.torchrun(TRAIN, *train_args(tmp_path), "--pg-timeout", "2", nnodes=2, min_nodes=1, max_restarts=1,
+                       faults="partition(nodes=(1,), at=step#3)", rdzv_conf=FAST)
+
+    [event] = res.fault_events
+    assert (event.kind, event.trigger, event.node, event.scope, event.attempt) == ("partition", "step#3", 1, (1,), 0)
+    assert [(w.node, w.status) for w in res.attempt(0)] == [(0, "raised"), (1, "raised")]
+    assert all("Timed out" in w.message for w in res.attempt(0))
+    assert [(w.node, w.status) for w in res.final] == [(0, "ok")]
+    assert (res.node(0).exit_code, res.node(0).restarts) == (0, 1)
+    out = weights(tmp_path)
+    assert (out["attempt"], out["resumed_from"]) == (1, 2)
+    assert out["weights"] == one_node_from_step_2
+    assert res.timed_out and res.node(1).timed_out
+    assert "c10d_rendezvous_backend" in res.node(1).stack
+    assert_nothing_left(res)
+
+
+def test_scoped_network_faults_need_a_scope_under_torchrun():
+    with pytest.raises(EnvPlanError, match=r"latency without ranks= or nodes= acts on the store's path"):
+        run_torchrun(TRAIN, nproc=1, nnodes=2, faults="latency(latency=10)", timeout=5)

@@ -49,6 +49,7 @@ from pytest_ddpfault import ipc
 from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.faults import FaultSpecError
+from pytest_ddpfault.launchers.link_faults import LaunchedLinkFaults
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
 from pytest_ddpfault.procfs import state as process_state
@@ -93,10 +94,11 @@ _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+
 def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
                  faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
                  cwd: str | os.PathLike | None = None, torchrun_args: tuple = (), nnodes: int = 1,
-                 min_nodes: int | None = None, rdzv_conf=None) -> TorchrunResult:
+                 min_nodes: int | None = None, rdzv_conf=None, toxiproxy=None) -> TorchrunResult:
     """Run ``script_or_module`` (a ``.py`` path, else a module name) under
     ``python -m torch.distributed.run --standalone --nproc-per-node=nproc``, with the plan;
-    with ``nnodes > 1``, under one agent per virtual node (``nproc`` workers each)."""
+    with ``nnodes > 1``, under one agent per virtual node (``nproc`` workers each).
+    ``toxiproxy``: where scoped network faults find Toxiproxy (as ``run_group``'s)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a whole number >= 1, got {nproc!r}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -122,10 +124,12 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
 
     def agents() -> list[_Agent]:
         endpoint = run.open_endpoint()
+        faults = run.open_link_faults(nproc, nnodes, toxiproxy)
         out = []
         for node in range(nnodes):
             log_dir = os.path.join(run.log_dir, f"node{node}")
-            argv = [*torchrun, f"--nnodes={size}", *sizes, "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            rdzv = faults.rendezvous_endpoint(node, endpoint) if faults is not None else endpoint
+            argv = [*torchrun, f"--nnodes={size}", *sizes, "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}",
                     f"--rdzv-id={os.path.basename(run.dir)}", f"--rdzv-conf={format_rdzv_conf(conf)}",
                     f"--local-addr={node_address(node)}", f"--log-dir={log_dir}", "--tee=3", *script]
             out.append(_Agent(node, argv, {env_plan.ENV_NODE: str(node), NODE_ADDR_ENV: node_address(node)},
@@ -224,6 +228,7 @@ class _LaunchRun:
         self.frozen: dict[int, dict] = {}  # pid -> the fault event of the hang_rank that froze it
         self.released: dict[int, tuple[float, int]] = {}  # frozen pid -> (when killed, the stop signal)
         self.node_of: dict[int, int] = {}  # pid -> the node of each recorded process (nnodes > 1)
+        self.link_faults: LaunchedLinkFaults | None = None  # the plan's scoped network faults (nnodes > 1)
 
     def env(self) -> dict:
         env = self.base_env()
@@ -232,6 +237,8 @@ class _LaunchRun:
         env.update({env_plan.ENV_PLAN: env_plan.format_env_plan(self.plan),
                     env_plan.ENV_EVENTS: self.events_path, env_plan.ENV_DIE_WITH_PARENT: self.die_with_parent,
                     env_plan.ENV_OPLOG: self.dir})
+        if self.link_faults is not None:
+            env.update(self.link_faults.env())
         env.update({k: str(v) for k, v in self.user_env.items()})
         return env
 
@@ -247,6 +254,12 @@ class _LaunchRun:
         self.endpoint = RendezvousEndpoint(self.base_env(), os.path.join(self.dir, "rdzv.out"))
         return self.endpoint.address
 
+    def open_link_faults(self, nproc: int, nnodes: int, toxiproxy) -> LaunchedLinkFaults | None:
+        """The proxies of the plan's scoped network faults (closed with the run); None without one."""
+        self.link_faults = LaunchedLinkFaults.for_plan(self.plan, nproc, nnodes, toxiproxy,
+                                                       Deadline(self.start + self.timeout))
+        return self.link_faults
+
     @property
     def roots(self) -> list[int]:
         """The pids of the launchers still running."""
@@ -258,6 +271,9 @@ class _LaunchRun:
             deadline = Deadline(self.start + self.timeout)
             self.agents = make_agents()
             env = self.env()
+            if self.link_faults is not None:
+                self.link_faults.before_launch()   # at=init: in place before any agent starts
+                self.link_faults.started(self.start, deadline)
             for agent in self.agents:
                 name = "launcher" if agent.node is None else f"agent{agent.node}"
                 agent.out_path, agent.err_path = (os.path.join(self.dir, f"{name}.{x}") for x in ("out", "err"))
@@ -284,8 +300,13 @@ class _LaunchRun:
             if until.expired():
                 return False
             self._watch()
+            wait = min(until.remaining(), _WATCH)
+            if self.link_faults is not None:
+                self.link_faults.tick()
+                nxt = self.link_faults.next_timer()
+                wait = wait if nxt is None else max(0.0, min(wait, nxt - time.monotonic()))
             live = [a.pidfd for a in self.agents if a.running]
-            ready, _, _ = select.select([*live, *self.watched], [], [], min(until.remaining(), _WATCH))
+            ready, _, _ = select.select([*live, *self.watched], [], [], wait)
             self._note_gone(ready)
         self._watch()
         return True
@@ -301,6 +322,8 @@ class _LaunchRun:
                 self.frozen[pid] = ev
             elif ev.get("type") == "fault" and (ev.get("signals_node") or ev.get("signals_agent")):
                 self._signal_node(ev)
+            elif ev.get("type") == "fault" and self.link_faults is not None:
+                self.link_faults.on_event(ev)
         for pid in self.frozen:
             if pid in self.released or pid in self.gone_at:
                 continue
@@ -434,6 +457,8 @@ class _LaunchRun:
                 pass
         if self.endpoint is not None:
             self.endpoint.stop(self.cleanup_deadline())
+        if self.link_faults is not None:
+            self.link_faults.close(self.cleanup_deadline())
         for agent in self.agents:
             if agent.pidfd is not None:
                 os.close(agent.pidfd)
@@ -459,10 +484,14 @@ class _LaunchRun:
                              timed_out=self.timed_out, duration=round(duration, 4),
                              plan=env_plan.format_env_plan(self.plan), max_restarts=max_restarts,
                              events=events)
+        if self.link_faults is not None:  # what the launcher itself put in place and removed
+            events = [*events, *self.link_faults.fired]
+        scopes = self._scopes()
         res.fault_events = sorted((AttemptFaultEvent(
             ev["kind"], ev.get("rank"), ev.get("trigger", ""), round(max(0.0, ev["time"] - self.start), 4),
-            ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), attempt=ev.get("attempt", 0),
-            pid=ev.get("pid")) for ev in events if ev.get("type") == "fault"), key=lambda e: e.time)
+            ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), scope=scopes.get(ev.get("spec"), ()),
+            attempt=ev.get("attempt", 0), pid=ev.get("pid")) for ev in events if ev.get("type") == "fault"),
+            key=lambda e: e.time)
         res.workers = self._workers(events, stdout + stderr)
         res.restarts = max((w.attempt for w in res.workers), default=0)
         res.unfired = self._unfired(events, res.workers, res.restarts)
@@ -473,6 +502,14 @@ class _LaunchRun:
             res.launcher_stack = "\n".join((f"--- node {a.node} agent:\n{text}" if multi else text)
                                            for a, text in stacks if text) or None
         return res
+
+    def _scopes(self) -> dict[str, tuple]:
+        """spec -> the places whose links a scoped network fault of the plan acts on."""
+        if self.link_faults is None:
+            return {}
+        links = self.link_faults.link_proxies.links
+        return {str(f): tuple(sorted(f.definition.scope_ranks(f, links.world_size, links.nodes)))
+                for f in self.link_faults.faults}
 
     def _job_code(self) -> int:
         """The launchers' end as one exit code (negative: a signal): the first launcher the

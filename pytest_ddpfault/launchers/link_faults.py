@@ -1,0 +1,163 @@
+"""Scoped network faults under a multi-node ``ddp.torchrun``: the launcher as their harness.
+
+The plan's scoped faults (``partition(nodes=(1,), ...)``) act between virtual nodes on two
+kinds of traffic:
+
+- the workers' gloo links, through one Toxiproxy proxy per crossed link
+  (``links.LinkProxies``, known by the places of their ends, which stay the same across
+  rendezvous; the workers route through them as ``ddp.run`` ranks do), handed to every
+  worker in ``DDPFAULT_LINKS``;
+- each faulted node's agent's rendezvous traffic: that agent reaches the harness-owned
+  rendezvous store through a proxy of its own (the store is on no node: a node cut off
+  from the others is cut off from it too).
+
+``at=init`` faults are in place before the agents start; ``t=S`` ones come on the
+launcher's clock; an in-rank trigger fires in the counting worker (its links), and the
+launcher adds the agents' share and removes it all after ``duration``. The same actions
+as ``ddp.run``'s (``faults.network.OnProxies``) drive it: this class is their ``RunControl``.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.links import PROXY_HOST, LinkProxies
+from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
+from pytest_ddpfault.rank import env_plan
+
+_runs = itertools.count()
+
+
+@dataclass
+class AgentStoreLink(ProxyHandle):
+    """The proxy between node ``node``'s agent and the rendezvous store."""
+
+    node: int
+    name: str
+    listen: str
+    api: ToxiproxyAPI
+    deadline: Deadline | None = None
+
+    @property
+    def link(self) -> str:
+        return f"agent {self.node}-rendezvous"
+
+
+class _Table:
+    """What ``OnProxies`` acts on: the workers' links and the faulted nodes' agent links."""
+
+    def __init__(self, links: LinkProxies, agent_links: dict[int, AgentStoreLink]) -> None:
+        self.links, self.agent_links = links, agent_links
+
+    def node_on_side(self, fault, node: int) -> bool:
+        """Whether every worker place of ``node`` is on the faulted side of ``fault``'s cut."""
+        side = fault.definition.scope_ranks(fault, self.links.world_size, self.links.nodes)
+        per_node = self.links.world_size // self.links.nodes
+        return all(p in side for p in range(node * per_node, (node + 1) * per_node))
+
+    def agents_of(self, fault) -> list[AgentStoreLink]:
+        return [link for node, link in sorted(self.agent_links.items()) if self.node_on_side(fault, node)]
+
+    def of_fault(self, fault) -> list:
+        return [*self.links.of_fault(fault), *self.agents_of(fault)]
+
+
+class LaunchedLinkFaults:
+    """One multi-node run's scoped network faults (None of it without one)."""
+
+    store_proxy = None   # no store path under torchrun: unscoped network kinds are refused
+
+    def __init__(self, plan: tuple, nproc: int, nnodes: int, api: ToxiproxyAPI, setup: Deadline) -> None:
+        self.faults = [f for f in plan if f.definition.scope_ranks(f, nproc * nnodes, nnodes)]
+        self.api, self.setup = api, setup
+        self.start = 0.0
+        self._timers: list = []
+        self._seq = itertools.count()
+        self.fired: list[dict] = []          # the launcher's own fault events
+        self._id = next(_runs)
+        self.link_proxies: _Table | None = None
+        links = LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup)
+        self.link_proxies = _Table(links, {})
+        self.actions = [f.definition.action(f, self) for f in self.faults]
+
+    @classmethod
+    def for_plan(cls, plan: tuple, nproc: int, nnodes: int, toxiproxy, setup: Deadline) -> LaunchedLinkFaults | None:
+        faults = [item.fault for item in plan]
+        if not any(f.definition.scope_ranks(f, nproc * nnodes, nnodes) for f in faults):
+            return None
+        from pytest_ddpfault.toxiproxy.client import resolve_api
+
+        return cls(tuple(faults), nproc, nnodes, resolve_api(toxiproxy), setup)
+
+    # -- set-up -------------------------------------------------------------------------
+    def env(self) -> dict:
+        return {env_plan.ENV_LINKS: json.dumps(self.link_proxies.links.to_wire())}
+
+    def rendezvous_endpoint(self, node: int, endpoint: str) -> str:
+        """Where node ``node``'s agent finds the rendezvous store: through its own proxy when
+        a fault may cut that node off, else the store itself."""
+        table = self.link_proxies
+        if not any(table.node_on_side(f, node) for f in self.faults):
+            return endpoint
+        name = f"ddpfault_agent_{os.getpid()}_{self._id}_{node}"
+        info = self.api.call("POST", "/proxies", {"name": name, "upstream": endpoint,
+                                                  "listen": f"{PROXY_HOST}:0"}, self.setup)
+        table.agent_links[node] = AgentStoreLink(node, name, info["listen"], self.api)
+        return info["listen"]
+
+    def before_launch(self) -> None:
+        for action in self.actions:
+            action.before_launch()
+
+    def started(self, start: float, deadline: Deadline) -> None:
+        """The agents are starting: the run's clock (for ``t=S``) starts now."""
+        self.start = start
+        for proxy in [*self.link_proxies.links.proxies.values(), *self.link_proxies.agent_links.values()]:
+            proxy.deadline = deadline
+        for action in self.actions:
+            action.after_ranks()
+
+    # -- RunControl ------------------------------------------------------------------------
+    def at(self, seconds_from_start: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (seconds_from_start, next(self._seq), callback))
+
+    def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "") -> None:
+        self.fired.append({"type": "fault", "kind": kind, "rank": rank, "trigger": trigger, "spec": spec,
+                           "detail": detail, "time": time.monotonic(), "attempt": 0, "pid": None})
+
+    def host_store_in_rank0(self, port: int) -> None:
+        raise RuntimeError("no port_collision under ddp.torchrun")
+
+    def stop_store(self) -> None:
+        raise RuntimeError("no store_down under ddp.torchrun")
+
+    # -- while it runs -----------------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        """The monotonic time of the next timer, or None."""
+        return self.start + self._timers[0][0] if self._timers else None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        while self._timers and self.start + self._timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self._timers)
+            callback()
+
+    def on_event(self, ev: dict) -> None:
+        """A worker's fault event: one of ours fired in its counting worker, which put it on
+        the workers' links; the agents' share comes now, its removal after ``duration``."""
+        for action in self.actions:
+            if str(action.fault) == ev.get("spec"):
+                for proxy in self.link_proxies.agents_of(action.fault):
+                    action.fault.definition.apply(action.fault, proxy)
+                action.fired_in_rank(max(0.0, ev.get("time", time.monotonic()) - self.start))
+
+    def close(self, deadline: Deadline) -> None:
+        for proxy in self.link_proxies.agent_links.values():
+            proxy.close(deadline)
+        self.link_proxies.links.close(deadline)
