@@ -8,6 +8,7 @@ rank given to init_process_group, as under mp.spawn).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,3 +244,18 @@ def test_a_rank_with_no_fault_due_is_armed_and_says_what_did_not_fire(tmp_path):
     assert timed["spec"] == "kill_rank(rank=0, at=t=600.0)"
     assert timed["why"].startswith("the trigger never came: the process ended ")
     assert timed["why"].endswith("s after it started, before t=600.0")
+
+
+def test_a_node_fault_for_every_attempt_is_skipped_where_its_node_is_gone(tmp_path):
+    """After a node is lost, the survivors' group has fewer nodes: a fault of every attempt
+    (attempt=*) naming the lost node does not stop them; one for this attempt does."""
+    events = tmp_path / "events.jsonl"
+    code = "import torch.distributed; print('trained')"
+    group = {"DDPFAULT_NODE": "0", "GROUP_WORLD_SIZE": "1", "RANK": "0", "WORLD_SIZE": "1",
+             "DDPFAULT_EVENTS": str(events)}
+    every = python(code, clean_env(DDPFAULT_PLAN="kill_node(node=1, at=step#1, attempt=*)", **group))
+    assert every.returncode == 0 and "trained" in every.stdout, every.stderr
+    [armed] = [e for e in map(json.loads, events.read_text().splitlines()) if e["type"] == "armed"]
+    assert armed["faults"] == []
+    this = python(code, clean_env(DDPFAULT_PLAN="kill_node(node=1, at=step#1)", **group))
+    assert this.returncode != 0 and "node 1 is outside the group (nodes=1)" in this.stderr
