@@ -68,6 +68,26 @@ class TriggerCounter:
         with self._lock:
             return min((s for i, s in self._times if i not in self._fired), default=None)
 
+    def unfired(self, elapsed: float) -> list[tuple[Fault, str]]:
+        """The faults with a trigger that have not fired, each with what this process did
+        instead (``elapsed``: seconds since it started)."""
+        out = []
+        for fault in self.pending():
+            at = fault.resolved_at()
+            if at is None:
+                continue
+            if at.kind == "time":
+                why = f"the process ended {elapsed:.2f}s after it started, before {at}"
+            elif at.kind == "init":
+                why = "init_process_group was never called"
+            else:
+                name, n = at.counted
+                seen = self.count(name)
+                what = "pytest_ddpfault.step()" if name == "step" else name
+                why = f"{what} was called {seen} time{'' if seen == 1 else 's'}, at={at} needs {n}"
+            out.append((fault, why))
+        return out
+
     def pending(self) -> tuple[Fault, ...]:
         """Faults that have not fired (yet)."""
         with self._lock:

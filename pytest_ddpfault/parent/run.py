@@ -124,6 +124,7 @@ class GroupRun:
         self._store_port: int | None = None
         self.actions: list = []
         self.on_proxy: Callable | None = None  # told the run's store Proxy, when it has one
+        self._instead: dict[int, dict] = {}    # rank -> {spec: what it did instead} for unfired faults
 
     # -- public ---------------------------------------------------------------
     def run(self) -> GroupResult:
@@ -432,6 +433,9 @@ class GroupRun:
                 r = results[rank]
                 ended = "returned" if r.ok else f"{r.status} ({r.detail()})"
                 reason = f"the trigger {when} never came in rank {rank}, which {ended} first"
+                instead = self._instead.get(rank, {}).get(str(f))
+                if instead:  # the rank's own count (a rank that was killed or froze has none)
+                    reason += f": {instead}"
             else:
                 reason = f"the trigger {when} never came before the run ended at t={duration:.2f}s"
             out.append(UnfiredFault(str(f), rank, reason))
@@ -446,6 +450,7 @@ class GroupRun:
             record = None  # written while being ended (a frozen rank resumed for its stack dump)
         if record is not None:
             end = record["end"]
+            self._instead[p.rank] = record.get("unfired") or {}
             if record["status"] == "ok":
                 r.status = "ok"
                 try:

@@ -333,24 +333,8 @@ class _Activation:
 
     def unfired(self) -> list[dict]:
         """This process's faults that have not fired, and why: the trigger never came."""
-        counter, out = self.firer.counter, []
-        for fault in counter.pending():
-            at = fault.resolved_at()
-            if at is None:
-                continue
-            if at.kind == "time":
-                why = (f"the trigger never came: the process ended "
-                       f"{time.monotonic() - self.started:.2f}s after it started, before {at}")
-            elif at.kind == "init":
-                why = "the trigger never came: init_process_group was never called"
-            else:
-                name, n = at.counted
-                seen = counter.count(name)
-                what = "pytest_ddpfault.step()" if name == "step" else name
-                why = (f"the trigger never came: {what} was called {seen} time{'' if seen == 1 else 's'}, "
-                       f"at={at} needs {n}")
-            out.append({"spec": str(fault), "why": why})
-        return out
+        return [{"spec": str(fault), "why": f"the trigger never came: {why}"}
+                for fault, why in self.firer.counter.unfired(time.monotonic() - self.started)]
 
     def current_rank(self) -> int | None:
         return self.rank if self.rank is not None else self.env_rank

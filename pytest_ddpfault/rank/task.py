@@ -104,5 +104,7 @@ def rank_main(job) -> int:
         record = value_record(value, task.rank)
     if firer is not None and firer.oplog is not None:
         firer.settle()  # async works that completed since the last call
+    if firer is not None:  # what this rank did instead of what an unfired fault waited for
+        record["unfired"] = {str(f): why for f, why in firer.counter.unfired(time.monotonic() - job_started)}
     write_result(task.result_path, record)
     return 0
