@@ -86,8 +86,10 @@ def progress_table(ranks: Sequence[RankResult], events: Sequence = (), faulted: 
     """The progress table of a group (or an attempt): rank, status, ops logged, where it
     was; then one line naming the laggards."""
     label = label or (lambda r: f"{r.rank}{'*' if r.rank in faulted else ''}")
-    rows = [("rank", "status", "ops", "where it was")]
-    rows += [(label(r), r.status, str(len(r.ops) + r.ops_dropped), _where(r)) for r in ranks]
+    nodes = len({r.node for r in ranks}) > 1   # virtual nodes: which node each rank was on
+    rows = [("rank", *(("node",) if nodes else ()), "status", "ops", "where it was")]
+    rows += [(label(r), *((str(r.node),) if nodes else ()), r.status, str(len(r.ops) + r.ops_dropped), _where(r))
+             for r in ranks]
     lines = ["where each rank was:", *_table(rows)]
     logged = [r for r in ranks if r.ops]
     if not logged:

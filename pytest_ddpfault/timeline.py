@@ -47,8 +47,10 @@ def _lane(label: str, pid: int, r, events: list, faulted: bool, attempt: int | N
 
 def group_lanes(res) -> dict:
     """The drawing model of a ``GroupResult``."""
-    lanes = [_lane(f"rank {r.rank}", r.rank, r, [ev for ev in res.fault_events if ev.rank == r.rank],
-                   r.rank in res.faulted_ranks, None) for r in res.ranks]
+    nodes = len({r.node for r in res.ranks}) > 1
+    lanes = [_lane(f"rank {r.rank}" + (f" (node {r.node})" if nodes else ""), r.rank, r,
+                   [ev for ev in res.fault_events if ev.rank == r.rank], r.rank in res.faulted_ranks, None)
+             for r in res.ranks]
     return {"lanes": lanes, "group_events": [ev for ev in res.fault_events if ev.rank is None],
             "duration": res.duration, "summary": res.summary(),
             "progress": res.progress() if any(r.ops for r in res.ranks) else ""}

@@ -98,13 +98,17 @@ def test_gloo_published_address_is_read_and_rewritten():
 
 # --- what gloo does under each ------------------------------------------------------------
 
-def test_a_partition_mid_training_times_out_on_both_sides():
+def test_a_partition_mid_training_times_out_on_both_sides(tmp_path):
     res = run_group(timed_steps, world_size=4, nodes=2, faults="partition(nodes=(1,), at=step#3)",
                     pg_timeout=1.0, timeout=30)
     # every rank fails in all_reduce #3, none before the process group's timeout
     assert [r.status for r in res.ranks] == ["raised"] * 4, res.report()
     [event] = res.fault_events
     assert (event.kind, event.rank, event.trigger, event.scope) == ("partition", 2, "step#3", (2, 3))
+    progress = res.progress().splitlines()
+    assert progress[1].split()[:3] == ["rank", "node", "status"] and progress[4].split()[:2] == ["2", "1"]
+    res.timeline(tmp_path / "t.html")
+    assert "rank 2 (node 1)" in (tmp_path / "t.html").read_text()
     for r in res.ranks:
         assert r.last_op.name == "all_reduce" and r.last_op.seq == 3
         assert r.end_time - event.time >= 0.9, res.report()
