@@ -12,6 +12,9 @@ from pytest_ddpfault.strategies import fault_plans, faults, triggers
 
 from _workloads import ddp_training
 
+# find() draws the same examples each run: a shrink that stops short is then not a flake
+SAME_EACH_RUN = settings(derandomize=True, database=None)
+
 RANK_KINDS = ["kill_rank", "crash_rank", "hang_rank", "delay"]
 
 
@@ -59,22 +62,24 @@ def test_triggers_cover_every_form():
 def test_shrinks_to_no_fault_when_any_plan_fails():
     from hypothesis import find
 
-    assert find(fault_plans(4, max_faults=3), lambda p: True) == ()
+    assert find(fault_plans(4, max_faults=3), lambda p: True, settings=SAME_EACH_RUN) == ()
 
 
 def test_shrinks_toward_low_rank_and_default_params():
     from hypothesis import find
 
-    plan = find(fault_plans(4, kinds=["kill_rank"]), lambda p: any(f.resolved_rank(4) < 3 for f in p))
+    plan = find(fault_plans(4, kinds=["kill_rank"]), lambda p: any(f.resolved_rank(4) < 3 for f in p),
+                settings=SAME_EACH_RUN)
     assert plan == (Fault("kill_rank", rank=0),)
-    plan = find(fault_plans(4, kinds=["kill_rank"]), lambda p: any(f.get("signal") != "SIGKILL" for f in p))
+    plan = find(fault_plans(4, kinds=["kill_rank"]), lambda p: any(f.get("signal") != "SIGKILL" for f in p),
+                settings=SAME_EACH_RUN)
     assert len(plan) == 1 and plan[0].at is None and plan[0].rank is None
 
 
 def test_shrinks_toward_later_triggers():
     from hypothesis import find
 
-    t = find(triggers(ops=["all_reduce"], forms=("op",)), lambda t: True)
+    t = find(triggers(ops=["all_reduce"], forms=("op",)), lambda t: True, settings=SAME_EACH_RUN)
     assert str(t) == "all_reduce#5"
 
 
@@ -152,7 +157,7 @@ def test_every_param_of_every_kind_declares_what_fuzzing_draws():
 def test_plans_shrink_toward_the_simplest_kind():
     from hypothesis import find
 
-    plan = find(fault_plans(3, max_faults=1), lambda p: len(p) == 1)
+    plan = find(fault_plans(3, max_faults=1), lambda p: len(p) == 1, settings=SAME_EACH_RUN)
     assert plan[0].kind == "kill_rank"
 
 
