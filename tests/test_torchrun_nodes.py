@@ -187,7 +187,7 @@ def test_rdzv_conf_forms():
     assert parse_rdzv_conf(None) == parse_rdzv_conf("") == {}
 
 
-@pytest.mark.ddp(world_size=2, timeout=25)
+@pytest.mark.ddp(world_size=2, timeout=30)
 def test_a_partition_between_the_nodes(ddp, tmp_path, one_node_from_step_2, no_launcher_left):
     """Node 1 cut off at step 3, workers and agent alike: both workers time out (2 s), node 0's
     agent re-rendezvouses alone once node 1's heartbeats lapse and finishes from the step-2
