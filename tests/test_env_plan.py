@@ -259,3 +259,16 @@ def test_a_node_fault_for_every_attempt_is_skipped_where_its_node_is_gone(tmp_pa
     assert armed["faults"] == []
     this = python(code, clean_env(DDPFAULT_PLAN="kill_node(node=1, at=step#1)", **group))
     assert this.returncode != 0 and "node 1 is outside the group (nodes=1)" in this.stderr
+
+
+def test_an_armed_process_gets_the_gloo_teardown_workaround():
+    """As ddp.run's ranks: destroy_process_group releases the GIL around itself (a DDP model
+    freed right after it could otherwise deadlock the process on gloo's run-loop thread)."""
+    code = """
+        import torch.distributed as dist
+        print(hasattr(dist.destroy_process_group, "__wrapped__"))
+    """
+    armed = python(code, clean_env(DDPFAULT_PLAN="delay(rank=0, seconds=0.01)", RANK="0", WORLD_SIZE="1"))
+    assert armed.returncode == 0 and armed.stdout.split() == ["True"], armed.stderr
+    plain = python(code, clean_env())
+    assert plain.stdout.split() == ["False"], plain.stderr

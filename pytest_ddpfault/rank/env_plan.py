@@ -351,7 +351,7 @@ class _Activation:
             self._install_on_init()
 
     def install(self, rank: int, world_size: int) -> None:
-        from pytest_ddpfault.rank.hooks import install_plan
+        from pytest_ddpfault.rank.hooks import install_plan, release_the_gil_around_destroy
 
         if self.installed:
             return
@@ -387,6 +387,7 @@ class _Activation:
             raise EnvPlanError(f"{ENV_PLAN} does not fit this group (rank {rank} of {world_size}): "
                                f"{e}") from None
         self.firer = firer
+        release_the_gil_around_destroy()   # the gloo teardown race, as in ddp.run's ranks
         self.events.send("armed", rank=rank, world_size=world_size, faults=[str(f) for f in firer.counter.faults])
 
     def _open_oplog(self):
