@@ -24,7 +24,7 @@ from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
 
 __all__ = ["NODE_NET", "PROXY_HOST", "LinkProxies", "LinkProxy", "crossing", "install", "installed", "node_address",
-           "node_of_address"]
+           "node_of_address", "scopes"]
 
 # Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
 NODE_NET = 127 << 24 | 7 << 8
@@ -44,9 +44,19 @@ def node_address(node: int) -> str:
 def node_of_address(packed: bytes) -> int | None:
     """The virtual node whose address ``packed`` (4 bytes, network order) is, else None."""
     offset = int.from_bytes(packed, "big") - NODE_NET
-    node = (offset >> 8) * 254 + (offset & 255) - 1
-    return node if 0 <= offset and 1 <= offset & 255 <= 254 and node_address(node) == \
-        ".".join(map(str, packed)) else None
+    if not 0 <= offset < 1 << 16 or not 1 <= offset & 255 <= 254:
+        return None
+    return (offset >> 8) * 254 + (offset & 255) - 1
+
+
+def scopes(faults: Iterable[Any], world_size: int, nodes: int) -> dict[str, tuple[int, ...]]:
+    """spec -> the places (ranks under ``ddp.run``) whose links each scoped fault acts on."""
+    out = {}
+    for fault in faults:
+        side = fault.definition.scope_ranks(fault, world_size, nodes)
+        if side:
+            out[str(fault)] = tuple(sorted(side))
+    return out
 
 
 def crossing(side: Iterable[int], world_size: int) -> set[tuple[int, int]]:

@@ -81,9 +81,7 @@ class LaunchedLinkFaults:
         self._seq = itertools.count()
         self.fired: list[dict] = []          # the launcher's own fault events
         self._id = next(_runs)
-        self.link_proxies: _Table | None = None
-        links = LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup)
-        self.link_proxies = _Table(links, {})
+        self.link_proxies = _Table(LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup), {})
         self.actions = [f.definition.action(f, self) for f in self.faults]
 
     @classmethod

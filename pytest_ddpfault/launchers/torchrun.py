@@ -50,6 +50,7 @@ from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.link_faults import LaunchedLinkFaults
+from pytest_ddpfault.links import scopes
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
 from pytest_ddpfault.procfs import state as process_state
@@ -486,10 +487,14 @@ class _LaunchRun:
                              events=events)
         if self.link_faults is not None:  # what the launcher itself put in place and removed
             events = [*events, *self.link_faults.fired]
-        scopes = self._scopes()
+        if self.link_faults is None:
+            scope = {}
+        else:
+            links = self.link_faults.link_proxies.links
+            scope = scopes(self.link_faults.faults, links.world_size, links.nodes)
         res.fault_events = sorted((AttemptFaultEvent(
             ev["kind"], ev.get("rank"), ev.get("trigger", ""), round(max(0.0, ev["time"] - self.start), 4),
-            ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), scope=scopes.get(ev.get("spec"), ()),
+            ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), scope=scope.get(ev.get("spec"), ()),
             attempt=ev.get("attempt", 0), pid=ev.get("pid")) for ev in events if ev.get("type") == "fault"),
             key=lambda e: e.time)
         res.workers = self._workers(events, stdout + stderr)
@@ -502,14 +507,6 @@ class _LaunchRun:
             res.launcher_stack = "\n".join((f"--- node {a.node} agent:\n{text}" if multi else text)
                                            for a, text in stacks if text) or None
         return res
-
-    def _scopes(self) -> dict[str, tuple]:
-        """spec -> the places whose links a scoped network fault of the plan acts on."""
-        if self.link_faults is None:
-            return {}
-        links = self.link_faults.link_proxies.links
-        return {str(f): tuple(sorted(f.definition.scope_ranks(f, links.world_size, links.nodes)))
-                for f in self.link_faults.faults}
 
     def _job_code(self) -> int:
         """The launchers' end as one exit code (negative: a signal): the first launcher the

@@ -30,6 +30,7 @@ from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault import ipc
 from pytest_ddpfault.ipc import EventInbox
+from pytest_ddpfault.links import scopes
 from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.parent.shipping import dumps_call
 from pytest_ddpfault.rank.bootstrap import ChildJob
@@ -405,19 +406,13 @@ class GroupRun:
     def _collect(self) -> GroupResult:
         results = [self._rank_result(p) for p in self.ranks]
         faulted = _faults.faulted_ranks(self.plan, self.config.world_size, self.config.nodes)
+        scope = scopes(self.plan, self.config.world_size, self.config.nodes)
         events = sorted((FaultEvent(kind, rank, trigger, round(max(0.0, when - self.start), 4), spec, detail, node,
-                                    self._scope(spec))
+                                    scope.get(spec, ()))
                          for kind, rank, trigger, when, spec, detail, node in self._fired), key=lambda e: e.time)
         duration = round(time.monotonic() - self.start, 4)
         return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
                            self._unfired(events, results, duration))
-
-    def _scope(self, spec: str) -> tuple:
-        """The ranks whose links a scoped network fault acted on; () for any other."""
-        for f in self.plan:
-            if str(f) == spec:
-                return tuple(sorted(f.definition.scope_ranks(f, self.config.world_size, self.config.nodes)))
-        return ()
 
     def _unfired(self, events: list[FaultEvent], results: list[RankResult], duration: float) -> list:
         """The plan's faults that never fired: their trigger did not come before the run ended."""

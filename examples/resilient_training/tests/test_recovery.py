@@ -7,20 +7,6 @@ import torch.distributed as dist
 from resilient_training import TrainConfig, train
 
 
-@pytest.fixture
-def cfg(tmp_path):
-    return TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ckpt"), pg_timeout=2.0)
-
-
-@pytest.fixture
-def reference(ddp, tmp_path):
-    """The final weights of an unfaulted run."""
-    res = ddp.run(train, TrainConfig(steps=6, ckpt_every=2, ckpt_dir=str(tmp_path / "ref"), pg_timeout=2.0),
-                  faults=None)
-    res.assert_all_ok()
-    return res.values[0]["weights"]
-
-
 # Two ranks: the sum of two gradients is exact in any order, so "the same weights" can
 # be checked bit for bit (with three, the order of a ring all_reduce varies the last bits).
 @pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=step#4)", timeout=30)
