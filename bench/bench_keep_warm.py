@@ -45,6 +45,8 @@ def test_{i}(ddp):
     res.assert_all_ok()
 '''
 
+SESSION_LIMIT = 600.0   # seconds one measured pytest session may take
+
 
 def pss_kb(pid: int) -> int:
     try:
@@ -66,7 +68,7 @@ def session(folder: str, env: dict, *args: str, sample: bool = False) -> tuple[f
     peak = 0
     if sample:
         directory = os.path.join(env["XDG_RUNTIME_DIR"], "ddpfault")
-        while proc.poll() is None:
+        while proc.poll() is None and time.monotonic() - t0 < SESSION_LIMIT:  # communicate() then times out
             pids = [proc.pid, *descendants(proc.pid)]
             for name in os.listdir(directory) if os.path.isdir(directory) else ():
                 owner = warm.owner_pid(directory, name[:-5]) if name.endswith(".lock") else None
@@ -74,7 +76,7 @@ def session(folder: str, env: dict, *args: str, sample: bool = False) -> tuple[f
                     pids += [owner, *descendants(owner)]
             peak = max(peak, sum(pss_kb(p) for p in set(pids)))
             time.sleep(0.05)
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=SESSION_LIMIT)
     took = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.decode()[-3000:]}")

@@ -221,7 +221,7 @@ class RunControl(Protocol):
     """What one run offers the harness-side actions (``parent.run.GroupRun`` has these)."""
 
     store_proxy: Any        # the run's store proxy (toxiproxy client side), when it has one
-    link_proxies: Any       # links.LinkProxies: the data plane's proxies, when a fault is scoped
+    link_proxies: Any       # the proxies scoped faults act on (``of_fault(fault)``), when one is scoped
 
     def at(self, seconds_from_start: float, callback) -> None: ...
     def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "") -> None: ...
