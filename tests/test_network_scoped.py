@@ -124,9 +124,12 @@ def test_a_partition_healed_before_the_timeout_is_survived_with_correct_values()
     res = run_group(timed_steps, world_size=4, nodes=2,
                     faults="partition(ranks=(2, 3), at=step#3, duration=0.8)", pg_timeout=5.0, timeout=30)
     res.assert_all_ok()
-    for took, total in res.values:
+    for rank, (took, total) in enumerate(res.values):
         assert total == 4.0 ** 4            # nothing lost: the held-back bytes arrived
-        assert took[2] >= 0.7, took         # it landed exactly at step 3 ...
+        # it landed exactly at step 3: rank 2 put it in place before its all_reduce #3 began,
+        # and the harness lifts it 0.8 s after that; the others began #3 about then (one
+        # descheduled for a moment begins later and waits less)
+        assert took[2] >= (0.75 if rank == 2 else 0.5), took
         assert max(took[:2]) < 0.5, took    # ... not before
     assert [e.detail for e in res.fault_events] == ["4 links: 0-2, 0-3, 1-2, 1-3", "removed"]
 

@@ -160,6 +160,11 @@ class FaultKind:
 class InRank(FaultKind):
     """Capability: the action runs inside the target rank, before the call it is due on."""
 
+    # The rank tells the harness once the fault is in place, not before: the harness counts
+    # ``duration`` from the event's time, and putting a fault on many links takes a while
+    # on a loaded machine. Kinds that end the rank (kill, crash) must tell it first.
+    reports_when_in_place: ClassVar[bool] = False
+
     def fire_in_rank(self, fault: Fault) -> None:
         raise NotImplementedError
 

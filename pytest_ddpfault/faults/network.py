@@ -114,6 +114,7 @@ class OnProxies(RunAction):
 class _Network(HarnessSide, InRank):
     needs_proxy = True
     needs_harness = True   # the harness makes the proxies; a plan in DDPFAULT_PLAN has none
+    reports_when_in_place = True  # the harness removes it ``duration`` after it is in place
     refused: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -174,15 +174,23 @@ class FaultFirer:
 
     def fire(self, fault: Fault, trigger: str, from_timer: bool = False) -> None:
         kind = fault.definition
-        self.events.send("fault", kind=fault.kind, rank=self.rank, trigger=trigger, spec=str(fault),
-                         time=time.monotonic(), **kind.event_fields(fault))
+
+        def report() -> None:
+            self.events.send("fault", kind=fault.kind, rank=self.rank, trigger=trigger, spec=str(fault),
+                             time=time.monotonic(), **kind.event_fields(fault))
+
+        if not kind.reports_when_in_place:
+            report()
         if from_timer and threading.get_ident() != self.main_thread:
             try:
                 kind.fire_in_rank(fault)
             except BaseException as exc:  # an exception is meant for the rank's main thread
                 _raise_in_main(self.main_thread, exc)
-            return
-        kind.fire_in_rank(fault)
+                return
+        else:
+            kind.fire_in_rank(fault)
+        if kind.reports_when_in_place:
+            report()
 
 
 def _work_state(work) -> int | None:
