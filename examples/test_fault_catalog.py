@@ -205,7 +205,8 @@ def test_short_partition_is_survived(ddp):
     res = ddp.run(timed_steps, pg_timeout=5.0)
     res.assert_all_ok()
     for took, total in res.values:
-        assert total == 4.0 ** 4 and took[2] >= 0.7   # held back 0.8 s, nothing lost
+        # all_reduce #3 held back (0.8 s from when rank 2 put the partition in place), nothing lost
+        assert total == 4.0 ** 4 and took[2] >= 0.5 > max(took[:2])
 
 
 @pytest.mark.ddp(world_size=4, nodes=2, fault="partition(nodes=(1,), at=step#2, mode=reject)")
