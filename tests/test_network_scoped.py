@@ -134,6 +134,42 @@ def test_a_partition_healed_before_the_timeout_is_survived_with_correct_values()
     assert [e.detail for e in res.fault_events] == ["4 links: 0-2, 0-3, 1-2, 1-3", "removed"]
 
 
+def pair_group_steps(steps=3, pg_timeout=5.0):
+    """Ranks 0 and 2 all_reduce in a group of their own (``new_group``), once per step."""
+    timeout = datetime.timedelta(seconds=pg_timeout)
+    dist.init_process_group("gloo", timeout=timeout)
+    dist.barrier()
+    pair = dist.new_group([0, 2], timeout=timeout)
+    t, took = torch.ones(4), []
+    try:
+        if dist.get_rank() in (0, 2):
+            for _ in range(steps):
+                pytest_ddpfault.step()
+                start = time.monotonic()
+                dist.all_reduce(t, group=pair)
+                took.append(time.monotonic() - start)
+    finally:
+        dist.destroy_process_group()
+    return took, t[0].item()
+
+
+def test_a_new_group_on_virtual_nodes_without_a_fault():
+    res = run_group(pair_group_steps, world_size=4, nodes=2, timeout=30)
+    res.assert_all_ok()
+    assert [total for _, total in res.values] == [8.0, 1.0, 8.0, 1.0]
+
+
+def test_a_partition_holds_back_a_new_groups_traffic_too():
+    # 0 and 2 are on different nodes: their group's one link crosses the cut
+    res = run_group(pair_group_steps, world_size=4, nodes=2,
+                    faults="partition(nodes=(1,), at=step#2, duration=0.8)", timeout=30)
+    res.assert_all_ok()
+    for rank in (0, 2):
+        took, total = res.values[rank]
+        assert total == 2.0 ** 3, took        # nothing lost
+        assert took[1] >= (0.75 if rank == 2 else 0.5) and max(took[0], took[2]) < 0.5, took
+
+
 def test_a_rejecting_partition_fails_fast():
     res = run_group(timed_steps, world_size=4, nodes=2,
                     faults="partition(nodes=(1,), at=step#2, mode=reject)", pg_timeout=20.0, timeout=30)

@@ -15,12 +15,20 @@ rank that will connect a crossed link points that link's proxy at the peer's rea
 listener and hands gloo the proxy's address instead; the peer, which listens, reads the
 connecting rank's own address unchanged. The proxies listen on 127.0.0.1, below every
 node address the devices bind to, so the connecting side stays the one gloo chose.
+
+Every gloo group of a process (the default one and each ``new_group``) is built on one
+gloo device, bound to the node's address (``gloo_backend``): one listener per process, so
+a link's proxy, pointed at that listener, carries the link's pairs of every group. A
+group's store keys carry its group ranks; ``global_ranks`` turns them into the ranks the
+links are known by.
 """
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pytest_ddpfault.links import LinkProxies
 
@@ -74,9 +82,56 @@ def parse_published(key: str, value: bytes) -> PublishedRank | None:
         return None
 
 
-def rewriting_store(inner, rank: int, table: LinkProxies):
-    """``inner`` wrapped for gloo (see the module's doc); torch is imported here."""
+_device: tuple[str, Any] | None = None   # (address, gloo device): made once per process
+
+
+def node_device(address: str):
+    """This process's gloo device, bound to ``address`` (its node's), shared by its groups."""
+    global _device
+    if _device is None or _device[0] != address:
+        from torch._C._distributed_c10d import ProcessGroupGloo
+
+        _device = (address, ProcessGroupGloo.create_device(hostname=address))
+    return _device[1]
+
+
+def gloo_arguments(store, rank: int, size: int, timeout, address: str | None, table: LinkProxies | None,
+                   global_ranks: Sequence[int] | None = None) -> tuple:
+    """What to build a real ``ProcessGroupGloo`` with: on the node's device when the run gives
+    the rank one (``address``), through the link proxies when it has them (``table``);
+    ``global_ranks``: the group's ranks in the default group (None: it is the default group)."""
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    if table is not None:  # crossed links go through their proxies
+        store = rewriting_store(store, rank, table, global_ranks)
+    if not address:
+        return (store, rank, size, timeout)
+    options = ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [node_device(address)]
+    return (store, rank, size, options)
+
+
+def routed_gloo_class(address: str | None, table: LinkProxies | None, global_ranks: Sequence[int]):
+    """A ``ProcessGroupGloo`` (subclass) for torch to build a ``new_group`` with, as
+    ``gloo_arguments`` says; it is the real gloo backend, as torch checks."""
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    class RoutedGloo(ProcessGroupGloo):
+        def __init__(self, store, rank, size, timeout=None):
+            super().__init__(*gloo_arguments(store, rank, size, timeout, address, table, global_ranks))
+
+    RoutedGloo.__name__ = RoutedGloo.__qualname__ = "ProcessGroupGloo"
+    return RoutedGloo
+
+
+def rewriting_store(inner, rank: int, table: LinkProxies, global_ranks: Sequence[int] | None = None):
+    """``inner`` wrapped for gloo (see the module's doc); torch is imported here. ``rank`` and
+    the ranks in the store's keys are the group's; ``global_ranks`` maps them to the links'."""
     import torch.distributed as dist
+
+    def global_rank(group_rank: int) -> int:
+        return group_rank if global_ranks is None else global_ranks[group_rank]
 
     class AddressRewritingStore(dist.Store):
         def __init__(self) -> None:
@@ -101,7 +156,10 @@ def rewriting_store(inner, rank: int, table: LinkProxies):
             peer = parse_published(key, bytes(value))
             if peer is None or self.own is None or peer.rank == rank:
                 return value
-            own, other = table.place(rank, self.own.ip), table.place(peer.rank, peer.ip)
+            if peer.rank >= (len(global_ranks) if global_ranks is not None else table.world_size):
+                return value
+            own = table.place(global_rank(rank), self.own.ip)
+            other = table.place(global_rank(peer.rank), peer.ip)
             proxy = None if own is None or other is None else table.between(own, other)
             if proxy is None or not self.own.connects_to(peer):
                 return value  # not crossed, or the peer connects (through its own view)

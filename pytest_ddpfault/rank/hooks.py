@@ -30,7 +30,7 @@ import pytest_ddpfault
 from pytest_ddpfault import links
 from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
 from pytest_ddpfault.rank import oplog
-from pytest_ddpfault.rank.gloo_addresses import rewriting_store
+from pytest_ddpfault.rank.gloo_addresses import gloo_arguments, routed_gloo_class
 
 _WRAPPED_BACKEND = "ddpfault_gloo"
 # The rank's virtual node's loopback address (ddp.run with nodes > 1): its gloo device binds
@@ -268,17 +268,10 @@ def _make_process_group_class(firer: FaultFirer):
 
         def __init__(self, store, rank, size, timeout):
             super().__init__(rank, size)
-            table = links.installed()
-            if table is not None:  # crossed links go through their proxies
-                store = rewriting_store(store, rank, table)
-            address = os.environ.get(NODE_ADDR_ENV)
-            if address:  # the node's own address: bound to, and advertised to the peers
-                options = ProcessGroupGloo._Options()
-                options._timeout = timeout
-                options._devices = [ProcessGroupGloo.create_device(hostname=address)]
-                self.inner = ProcessGroupGloo(store, rank, size, options)
-            else:
-                self.inner = ProcessGroupGloo(store, rank, size, timeout=timeout)
+            # on the node's own address (bound to, advertised to the peers), crossed links
+            # through their proxies
+            self.inner = ProcessGroupGloo(*gloo_arguments(store, rank, size, timeout,
+                                                          os.environ.get(NODE_ADDR_ENV), links.installed()))
             # what torch looks up by device (DDP's logger, ops not overridden here)
             self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.inner)
             if hasattr(self, "_set_default_backend"):  # torch >= 2.3; 2.2 has no default backend
@@ -358,6 +351,29 @@ def _install_backend(firer: FaultFirer) -> None:
         return init_process_group
 
     wrap((dist, c10d), "init_process_group", make)
+    _route_new_groups()
+
+
+def _route_new_groups() -> None:
+    """A gloo ``new_group`` is built on the same node device and through the same link
+    proxies as the default group (``routed_gloo_class``), where the run gives them; torch
+    builds it as it would otherwise."""
+    from torch.distributed import distributed_c10d as c10d
+
+    def make(original):
+        def _new_process_group_helper(group_size, group_rank, global_ranks_in_group, *args, **kwargs):
+            address, table = os.environ.get(NODE_ADDR_ENV), links.installed()
+            if not global_ranks_in_group or not (address or table):
+                return original(group_size, group_rank, global_ranks_in_group, *args, **kwargs)
+            real = c10d.ProcessGroupGloo
+            c10d.ProcessGroupGloo = routed_gloo_class(address, table, list(global_ranks_in_group))
+            try:
+                return original(group_size, group_rank, global_ranks_in_group, *args, **kwargs)
+            finally:
+                c10d.ProcessGroupGloo = real
+        return _new_process_group_helper
+
+    wrap((c10d,), "_new_process_group_helper", make)
 
 
 def _init_on_wrapped_gloo(original, signature, firer: FaultFirer, args: tuple, kwargs: dict):
