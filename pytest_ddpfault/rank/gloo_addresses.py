@@ -96,20 +96,23 @@ def node_device(address: str):
 
 
 def gloo_arguments(store, rank: int, size: int, timeout, address: str | None, table: LinkProxies | None,
-                   global_ranks: Sequence[int] | None = None) -> tuple:
-    """What to build a real ``ProcessGroupGloo`` with: on the node's device when the run gives
-    the rank one (``address``), through the link proxies when it has them (``table``);
-    ``global_ranks``: the group's ranks in the default group (None: it is the default group)."""
+                   global_ranks: Sequence[int] | None = None, **options: Any) -> tuple[tuple, dict]:
+    """The arguments to build a real ``ProcessGroupGloo`` with: on the node's device when the
+    run gives the rank one (``address``), through the link proxies when it has them
+    (``table``); ``global_ranks``: the group's ranks in the default group (None: it is the
+    default group); ``options``: the constructor's other options (``enable_reconfigure``)."""
     from torch._C._distributed_c10d import ProcessGroupGloo
 
     if table is not None:  # crossed links go through their proxies
         store = rewriting_store(store, rank, table, global_ranks)
     if not address:
-        return (store, rank, size, timeout)
-    options = ProcessGroupGloo._Options()
-    options._timeout = timeout
-    options._devices = [node_device(address)]
-    return (store, rank, size, options)
+        return (store, rank, size), {"timeout": timeout, **options}
+    on_device = ProcessGroupGloo._Options()
+    on_device._timeout = timeout
+    on_device._devices = [node_device(address)]
+    for name, value in options.items():
+        setattr(on_device, name, value)
+    return (store, rank, size, on_device), {}
 
 
 def routed_gloo_class(address: str | None, table: LinkProxies | None, global_ranks: Sequence[int]):
@@ -118,8 +121,9 @@ def routed_gloo_class(address: str | None, table: LinkProxies | None, global_ran
     from torch._C._distributed_c10d import ProcessGroupGloo
 
     class RoutedGloo(ProcessGroupGloo):
-        def __init__(self, store, rank, size, timeout=None):
-            super().__init__(*gloo_arguments(store, rank, size, timeout, address, table, global_ranks))
+        def __init__(self, store, rank, size, timeout, **options):
+            args, kwargs = gloo_arguments(store, rank, size, timeout, address, table, global_ranks, **options)
+            super().__init__(*args, **kwargs)
 
     RoutedGloo.__name__ = RoutedGloo.__qualname__ = "ProcessGroupGloo"
     return RoutedGloo

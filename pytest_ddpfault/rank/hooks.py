@@ -270,8 +270,8 @@ def _make_process_group_class(firer: FaultFirer):
             super().__init__(rank, size)
             # on the node's own address (bound to, advertised to the peers), crossed links
             # through their proxies
-            self.inner = ProcessGroupGloo(*gloo_arguments(store, rank, size, timeout,
-                                                          os.environ.get(NODE_ADDR_ENV), links.installed()))
+            args, kwargs = gloo_arguments(store, rank, size, timeout, os.environ.get(NODE_ADDR_ENV), links.installed())
+            self.inner = ProcessGroupGloo(*args, **kwargs)
             # what torch looks up by device (DDP's logger, ops not overridden here)
             self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self.inner)
             if hasattr(self, "_set_default_backend"):  # torch >= 2.3; 2.2 has no default backend
