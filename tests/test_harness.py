@@ -173,6 +173,34 @@ def test_consecutive_runs_each_get_a_store_of_their_own():
         assert port not in listening_ports(), f"the store of a finished run still listens on {port}"
 
 
+def rounds_with_keys_of_their_own(rounds=3):
+    """init, all_reduce, destroy, ``rounds`` times in one rank, each round on its own keys
+    (README: the store outlives a process group, as torchrun's agent store does)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=5)
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    sums = []
+    for n in range(rounds):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"round_{n}/", base), timeout=timeout,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        t = torch.ones(1) * (n + 1)
+        dist.all_reduce(t)
+        sums.append(t.item())
+        dist.destroy_process_group()
+    return sums
+
+
+@pytest.mark.ddp(world_size=4)
+def test_a_rank_re_initializes_its_group_on_keys_of_its_own(ddp):
+    res = ddp.run(rounds_with_keys_of_their_own)
+    res.assert_all_ok()
+    assert res.values == [[4.0, 8.0, 12.0]] * 4
+
+
 # -- what fn may be ---------------------------------------------------------------
 @pytest.mark.ddp(world_size=2)
 def test_module_level_function_with_args_and_kwargs(ddp):
