@@ -165,7 +165,7 @@ def test_torn_save_at_zero_leaves_an_empty_file(ddp, tmp_path):
 
 
 @pytest.mark.parametrize("fraction, error, says", [
-    (0.0, EOFError, ""), (0.1, RuntimeError, "failed finding central directory"),
+    (0.0, EOFError, "^$"), (0.1, RuntimeError, "failed finding central directory"),
     (0.5, OSError, "Invalid argument"), (0.99, OSError, "Invalid argument")])
 def test_what_torch_load_raises_depends_on_where_the_save_was_cut(tmp_path, fraction, error, says):
     whole = tmp_path / "whole.pt"
