@@ -111,7 +111,9 @@ def test_a_partition_mid_training_times_out_on_both_sides(tmp_path):
     assert "rank 2 (node 1)" in (tmp_path / "t.html").read_text()
     for r in res.ranks:
         assert r.last_op.name == "all_reduce" and r.last_op.seq == 3
-        assert r.end_time - event.time >= 0.5, res.report()   # not at once: at its timeout (1 s)
+        # not at once: at its timeout (1 s from its all_reduce #3, which ranks 0 and 1 may
+        # begin while rank 2 is still putting the partition in place)
+        assert r.end_time - event.time >= 0.3, res.report()
     # on each side the first to give up timed out; the close of its process may reach its
     # own side's peers (not across the cut: the partition holds closes back too)
     for side in ((0, 1), (2, 3)):
