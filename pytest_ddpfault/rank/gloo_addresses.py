@@ -17,7 +17,7 @@ connecting rank's own address unchanged. The proxies listen on 127.0.0.1, below 
 node address the devices bind to, so the connecting side stays the one gloo chose.
 
 Every gloo group of a process (the default one and each ``new_group``) is built on one
-gloo device, bound to the node's address (``gloo_backend``): one listener per process, so
+gloo device, bound to the node's address (``gloo_arguments``): one listener per process, so
 a link's proxy, pointed at that listener, carries the link's pairs of every group. A
 group's store keys carry its group ranks; ``global_ranks`` turns them into the ranks the
 links are known by.
