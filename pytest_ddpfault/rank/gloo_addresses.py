@@ -160,8 +160,6 @@ def rewriting_store(inner, rank: int, table: LinkProxies, global_ranks: Sequence
             peer = parse_published(key, bytes(value))
             if peer is None or self.own is None or peer.rank == rank:
                 return value
-            if peer.rank >= (len(global_ranks) if global_ranks is not None else table.world_size):
-                return value
             own = table.place(global_rank(rank), self.own.ip)
             other = table.place(global_rank(peer.rank), peer.ip)
             proxy = None if own is None or other is None else table.between(own, other)
