@@ -157,6 +157,9 @@ def gloo_connections():
     dist.all_reduce(torch.ones(1))  # every pair is connected by now
     store_port = int(os.environ["MASTER_PORT"])
     pairs = [(local, remote) for local, remote in _established_tcp() if store_port not in (local[1], remote[1])]
+    # no rank closes its pairs until every rank has read its table: a peer's destroy would
+    # leave this rank's end of their pair in CLOSE_WAIT, no longer listed as established
+    dist.barrier()
     dist.destroy_process_group()
     return pairs
 
