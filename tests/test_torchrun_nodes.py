@@ -174,6 +174,10 @@ def test_a_node_fault_needs_a_multi_node_launcher():
         run_script(TRAIN, faults=LOSE_NODE_1, timeout=5)
     with pytest.raises(FaultSpecError, match="node 2 is outside the group"):
         run_torchrun(TRAIN, nproc=1, nnodes=2, faults="kill_node(node=2)", timeout=5)
+    # past 9 agents torchrun's order (addresses as text) is not node order: group rank 1 would
+    # be the agent at 127.0.7.10, and node 9 would be signalled instead of node 1
+    with pytest.raises(EnvPlanError, match=r"kill_node under ddp.torchrun works with up to 9 nodes, got nnodes=10"):
+        run_torchrun(TRAIN, nproc=1, nnodes=10, faults=LOSE_NODE_1, timeout=5)
 
 
 def test_an_agent_only_kill_is_refused_where_there_is_no_agent():

@@ -72,6 +72,10 @@ ENV_NODE = "DDPFAULT_NODE"
 # Set by a multi-node ddp.torchrun whose plan holds a scoped network fault: the table of the
 # run's link proxies (links.LinkProxies.to_wire(), as JSON) the workers' gloo goes through.
 ENV_LINKS = "DDPFAULT_LINKS"
+# torchrun gives group ranks in the order of its agents' addresses as text: 127.0.7.1 ..
+# 127.0.7.9 are nodes 0..8 in order, but 127.0.7.10 (node 9) sorts before 127.0.7.2. A fault
+# that signals node N counts in group rank N, so beyond this it would signal another node.
+MAX_NODES_SIGNALLED = 9
 ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
 ANY_ATTEMPT = "*"
@@ -163,6 +167,11 @@ def validate_env_plan(plan: Any, world_size: int | None = None, nodes: int | Non
             raise EnvPlanError(f"hang_rank(resume_after=...) needs the ddp.run harness to send SIGCONT; "
                                f"under {ENV_PLAN} nothing resumes the rank: remove resume_after "
                                f"(in fault spec {str(item)!r})")
+        if nodes and nodes > MAX_NODES_SIGNALLED and fault.definition.needs_harness:
+            raise EnvPlanError(f"{fault.kind} under ddp.torchrun works with up to {MAX_NODES_SIGNALLED} nodes, "
+                               f"got nnodes={nodes}: torchrun numbers its agents by their addresses as text "
+                               f"(127.0.7.10 before 127.0.7.2), so past {MAX_NODES_SIGNALLED} node N is not group "
+                               f"rank N (in fault spec {str(item)!r}); use nnodes <= {MAX_NODES_SIGNALLED} or ddp.run")
         if world_size is not None:
             fault.validate(world_size, nodes or 1)
     return scoped
@@ -358,7 +367,7 @@ class _Activation:
         self.installed, self.rank = True, rank
         # Under a multi-node ddp.torchrun: the nodes of this attempt (a node's faults count in
         # the first worker of group rank N; torchrun orders its agents by address, which is
-        # the node order for up to 9 nodes).
+        # the node order for up to MAX_NODES_SIGNALLED nodes, past which kill_node is refused).
         nodes = (_env_int(self.env, "GROUP_WORLD_SIZE") or 1) if self.node is not None else 1
         table = self.env.get(ENV_LINKS)
         if table:  # gloo's links that a scoped fault crosses go through their proxies
