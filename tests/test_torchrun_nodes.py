@@ -27,7 +27,7 @@ from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
 from pytest_ddpfault.launchers.torchrun import TorchrunResult, run_script, run_torchrun
-from pytest_ddpfault.rank.env_plan import EnvPlanError
+from pytest_ddpfault.rank.env_plan import EnvPlanError, validate_env_plan
 
 from _helpers import assert_nothing_left, children_of, poll
 
@@ -178,6 +178,8 @@ def test_a_node_fault_needs_a_multi_node_launcher():
     # be the agent at 127.0.7.10, and node 9 would be signalled instead of node 1
     with pytest.raises(EnvPlanError, match=r"kill_node under ddp.torchrun works with up to 9 nodes, got nnodes=10"):
         run_torchrun(TRAIN, nproc=1, nnodes=10, faults=LOSE_NODE_1, timeout=5)
+    # a scoped network fault finds its links by address, not by group rank: not limited
+    assert validate_env_plan("partition(nodes=(1,), at=step#3)", 10, nodes=10)
 
 
 def test_an_agent_only_kill_is_refused_where_there_is_no_agent():

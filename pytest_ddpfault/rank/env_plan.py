@@ -75,6 +75,7 @@ ENV_LINKS = "DDPFAULT_LINKS"
 # torchrun gives group ranks in the order of its agents' addresses as text: 127.0.7.1 ..
 # 127.0.7.9 are nodes 0..8 in order, but 127.0.7.10 (node 9) sorts before 127.0.7.2. A fault
 # that signals node N counts in group rank N, so beyond this it would signal another node.
+# (Scoped network faults find their links by address, not by group rank: not limited.)
 MAX_NODES_SIGNALLED = 9
 ELASTIC_ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 PTH_NAME = "pytest-ddpfault.pth"
@@ -167,7 +168,7 @@ def validate_env_plan(plan: Any, world_size: int | None = None, nodes: int | Non
             raise EnvPlanError(f"hang_rank(resume_after=...) needs the ddp.run harness to send SIGCONT; "
                                f"under {ENV_PLAN} nothing resumes the rank: remove resume_after "
                                f"(in fault spec {str(item)!r})")
-        if nodes and nodes > MAX_NODES_SIGNALLED and fault.definition.needs_harness:
+        if nodes and nodes > MAX_NODES_SIGNALLED and "node" in fault.definition.keys:  # it acts on node=N
             raise EnvPlanError(f"{fault.kind} under ddp.torchrun works with up to {MAX_NODES_SIGNALLED} nodes, "
                                f"got nnodes={nodes}: torchrun numbers its agents by their addresses as text "
                                f"(127.0.7.10 before 127.0.7.2), so past {MAX_NODES_SIGNALLED} node N is not group "
