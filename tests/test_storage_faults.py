@@ -115,6 +115,23 @@ def test_save_and_load_triggers_parse_print_and_count_apart_from_collectives():
     assert set(kinds_with("acts_on_storage")) == {"torn_save", "io_error", "slow_io"}
 
 
+def test_storage_kinds_act_in_rank_0_unless_told():
+    # rank 0 is the usual saver; the other kinds keep the last rank
+    for kind in kinds_with("acts_on_storage"):
+        assert Fault.parse(kind).resolved_rank(4) == 0
+        assert Fault.parse(f"{kind}(rank=3)").resolved_rank(4) == 3
+    assert Fault.parse("kill_rank(at=save#1)").resolved_rank(4) == 3
+
+
+@pytest.mark.ddp(world_size=3, fault="torn_save", timeout=20)
+def test_a_torn_save_without_a_rank_hits_the_rank_0_saver(ddp, tmp_path):
+    res = ddp.run(rank0_saves_then_barrier, str(tmp_path / "ck.pt"), save_in_place)
+    assert res[0].killed_by(signal.SIGKILL) and [r.rank for r in res.faulted] == [0]
+    [ev] = res.fault_events
+    assert (ev.kind, ev.rank, ev.trigger) == ("torn_save", 0, "save#1")
+    res.assert_survivors_raised(RuntimeError, match=CLOSED, within=2.0)
+
+
 @pytest.mark.parametrize("spec, says", [
     ("torn_save(at=load#1)", "expected save#N"),
     ("io_error(errno=EPERM)", "one of ENOSPC, EIO, EROFS, EDQUOT"),

@@ -1,6 +1,10 @@
 """Storage faults, carried out on the checkpoint save or load they are due on (``save#N``,
 ``load#N``: torch.save, torch.load and torch.distributed.checkpoint save/async_save/load):
-a torn save, a failing filesystem, a slow one."""
+a torn save, a failing filesystem, a slow one.
+
+They act in rank 0 unless ``rank=`` says otherwise: rank 0 is the usual saver (a loop that
+saves with ``if rank == 0: torch.save(...)`` never saves in the last rank, where the other
+kinds default)."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pytest_ddpfault.faults.base import OnStorageCall, StorageCall, register
-from pytest_ddpfault.faults.params import RANK, SHORT, Choice, Fuzz, Number, Param, at_param
+from pytest_ddpfault.faults.params import SHORT, Choice, Fuzz, Number, Param, at_param
 
 if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
@@ -29,13 +33,24 @@ class ErrnoName(Choice):
         return value
 
 
+# The rank a storage fault acts in: rank 0 by default, the usual saver.
+SAVER_RANK = Param("rank", Number(int), None, "the rank it acts in (default: 0, the usual saver)")
+
+
+class OnSave(OnStorageCall):
+    """A storage kind: acts in rank 0 unless ``rank=`` names another."""
+
+    def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int | None:
+        return 0 if fault.rank is None else fault.rank
+
+
 @register
-class TornSave(OnStorageCall):
+class TornSave(OnSave):
     name = "torn_save"
     doc = ("the save writes only the first `fraction` of its bytes (a DCP save: some data files, "
            "never .metadata), then the rank dies of SIGKILL: a crash or power loss mid-save")
     targets_rank = True
-    params = (RANK, at_param("save#1", "save"),
+    params = (SAVER_RANK, at_param("save#1", "save"),
               Param("fraction", Number(float, hi=1.0), 0.5, "share of the save's bytes that reach the disk",
                     Fuzz.of(0.5, 0.0, 0.9)))
 
@@ -47,11 +62,11 @@ class TornSave(OnStorageCall):
 
 
 @register
-class IoError(OnStorageCall):
+class IoError(OnSave):
     name = "io_error"
     doc = "the save or load raises OSError(errno) as the filesystem would (ENOSPC, EIO, EROFS, EDQUOT)"
     targets_rank = True   # the rank hit raises: the others are the survivors
-    params = (RANK, at_param("save#1", "save", "load"),
+    params = (SAVER_RANK, at_param("save#1", "save", "load"),
               Param("errno", ErrnoName(), "ENOSPC",
                     "the error's name", Fuzz.of(*ERRNOS)))
 
@@ -64,10 +79,10 @@ class IoError(OnStorageCall):
 
 
 @register
-class SlowIo(OnStorageCall):
+class SlowIo(OnSave):
     name = "slow_io"
     doc = "the save or load takes `seconds` longer (a straggler while checkpointing)"
-    params = (RANK, at_param("save#1", "save", "load"),
+    params = (SAVER_RANK, at_param("save#1", "save", "load"),
               Param("seconds", Number(float, unit="seconds"), 1.0, "extra seconds the call takes", SHORT))
 
     def act_on_call(self, fault: Fault, call: StorageCall) -> None:
