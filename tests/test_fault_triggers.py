@@ -301,12 +301,12 @@ def test_with_a_plan_installed_batch_isend_irecv_still_works(ddp):
 def test_time_trigger_kills_a_rank_that_is_busy_in_collectives(ddp):
     res = ddp.run(barrier_loop)
     assert res[1].killed_by(signal.SIGKILL), res.summary()
-    # t= counts from the rank's own start; the event's time is on the run's clock,
-    # which starts once every rank exists (a little later)
-    assert 0.28 <= res[1].duration < 2.0
+    # t= counts from the rank's start, the origin of its duration; the run's clock starts
+    # with its first rank: on neither clock does the fault come before its time
+    assert 0.3 <= res[1].duration < 2.0
     [event] = res.fault_events
     assert (event.kind, event.rank, event.trigger) == ("kill_rank", 1, "t=0.3")
-    assert 0.0 < event.time <= res[1].end_time < 2.0
+    assert 0.3 <= event.time <= res[1].end_time < 2.0
     res.assert_survivors_raised(RuntimeError, match=CLOSED, within=2)
 
 
@@ -316,9 +316,10 @@ def test_time_trigger_crash_raises_in_the_main_thread_between_collectives(ddp):
     crashed = res[1]
     assert crashed.raised(RuntimeError, match=f"^{INJECTED}$"), res.summary()
     assert "in small_allreduces" in crashed.traceback.replace(", in ", " in ")
-    assert 0.28 <= crashed.duration < 2.0
+    assert 0.3 <= crashed.duration < 2.0
     [event] = res.fault_events
     assert (event.kind, event.rank, event.trigger) == ("crash_rank", 1, "t=0.3")
+    assert 0.3 <= event.time <= crashed.end_time
     res.assert_survivors_raised(RuntimeError, match=CLOSED, within=2)
 
 
@@ -329,7 +330,28 @@ def test_time_trigger_crash_interrupts_pure_python_code(ddp):
     assert r.raised(KeyError, match="boom"), res.summary()
     assert r.raised(LookupError) and r.exc_type == "KeyError"
     assert "spin_in_python" in r.traceback
-    assert 0.28 <= r.duration < 2.0 and res.duration < 2.5
+    assert 0.3 <= r.duration < 2.0 and res.duration < 2.5
+
+
+EVERY_RANK_AT_T = [f"crash_rank(rank={r}, at=t=0.2)" for r in range(4)]
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_time_trigger_is_never_early_on_the_reports_clocks(start_method):
+    # Each rank's t= counts from the moment its launcher started it, the origin of its
+    # duration; the run's clock starts with the first rank. Ranks started one after
+    # the other (forked: the child may run before the zygote notes the time) must
+    # not fire early on either clock: neither the rank's duration nor the event's time.
+    # (A spawned rank's start-up, torch's import, is in its time: t=0.2 has passed by then.)
+    ranks = 4 if start_method == "forkserver" else 2  # a spawned rank imports torch afresh: slow
+    res = pytest_ddpfault.run_group(spin_in_python, 3.0, world_size=ranks, faults=EVERY_RANK_AT_T[:ranks],
+                                    start_method=start_method, timeout=30)
+    assert [r.raised(RuntimeError, match=INJECTED) for r in res] == [True] * ranks, res.summary()
+    assert len(res.fault_events) == ranks
+    for event in res.fault_events:
+        rank = res[event.rank]
+        assert 0.2 <= event.time <= rank.end_time, res.summary()
+        assert rank.duration >= 0.2, res.summary()
 
 
 @pytest.mark.ddp(world_size=1, fault="crash_rank(rank=0, at=t=0.2)", timeout=8)

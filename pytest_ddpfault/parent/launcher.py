@@ -361,14 +361,15 @@ class SpawnLauncher:
         out = []
         for job in jobs:
             job_file = job.stack_path.rsplit(".", 1)[0] + ".job" if job.stack_path else job.stdout_path + ".job"
+            started = time.monotonic()  # the child's own origin too (ChildJob.started)
             with open(job_file, "wb") as f:
-                pickle.dump(dataclasses.replace(job, preload=self.preload), f)
+                pickle.dump(dataclasses.replace(job, preload=self.preload, started=started), f)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest_ddpfault.rank.bootstrap", job_file, str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env=child_python_env(), start_new_session=True)
             self._procs[proc.pid] = (proc, os.pidfd_open(proc.pid))
-            out.append((proc.pid, time.monotonic()))
+            out.append((proc.pid, started))
         return out
 
     def selectables(self) -> list:

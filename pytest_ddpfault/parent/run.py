@@ -273,8 +273,9 @@ class GroupRun:
                          oplog_path=p["ops"] if self.config.oplog else "")
             self.ranks.append(proc)
             self.by_pid[pid] = proc
-        # The run's clock starts now that its ranks exist (the zygote's start is not in it).
-        self.start = time.monotonic()
+        # The run's clock starts as its first rank is started (the zygote's start is not in it):
+        # no rank's t= trigger, counted from its own start, comes before its time on this clock.
+        self.start = min(t for _, t in started)
         self.deadline = Deadline(self.start + self.config.timeout)
         if self.store_proxy is not None:
             self.store_proxy.deadline = self.deadline

@@ -36,6 +36,9 @@ class ChildJob:
     stderr_path: str
     stack_path: str | None = None
     preload: tuple = ()       # modules to import first (a spawned child has no zygote's imports)
+    # time.monotonic() just before the launcher started the process (set by the launcher): the
+    # origin of the child's t= triggers and of its duration in the report, so neither is early
+    started: float = 0.0
 
 
 def set_parent_death_signal() -> None:

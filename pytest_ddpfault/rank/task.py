@@ -74,7 +74,9 @@ def _call_user(task: RankTask):
 
 def rank_main(job) -> int:
     """``ChildJob`` target of every rank; returns the process exit code."""
-    job_started = time.monotonic()
+    # t= triggers count from the moment the launcher started this process, the origin of its
+    # duration in the report (a forked rank can run before its zygote took a later time)
+    job_started = job.started or time.monotonic()
     task: RankTask = pickle.loads(job.payload)
     import torch
 

@@ -128,6 +128,8 @@ class Zygote:
 
     def spawn(self, req: dict, client: _Client) -> None:
         zygote_pid = os.getpid()
+        job = req["job"]
+        job.started = time.monotonic()  # before the fork: the child may run before this process does
         pid = os.fork()
         if pid == 0:  # child: forget the zygote's world, become the job
             try:
@@ -138,14 +140,14 @@ class Zygote:
                     except OSError:
                         pass
             finally:
-                run_job(req["job"], expected_parent=zygote_pid)
+                run_job(job, expected_parent=zygote_pid)
         try:
             os.setpgid(pid, pid)  # also from this side: no window where the group is unset
         except OSError:
             pass
         client.live.add(pid)
         self.owner[pid] = client
-        self._send(client, "spawned", id=req["id"], pid=pid, time=time.monotonic())
+        self._send(client, "spawned", id=req["id"], pid=pid, time=job.started)
 
     def signal(self, req: dict, client: _Client) -> None:
         pid = req["pid"]
