@@ -26,10 +26,9 @@ import os
 import threading
 import time
 
-import pytest_ddpfault
 from pytest_ddpfault import links
 from pytest_ddpfault.faults import KNOWN_OPS, Fault, TriggerCounter
-from pytest_ddpfault.rank import oplog
+from pytest_ddpfault.rank import oplog, steps
 from pytest_ddpfault.rank.gloo_addresses import gloo_arguments, routed_gloo_class
 
 _WRAPPED_BACKEND = "ddpfault_gloo"
@@ -195,23 +194,20 @@ class FaultFirer:
 
 def _work_state(work) -> int | None:
     """A work's end as the log says it (``oplog.DONE``, ``oplog.FAILED``), None while it runs.
-    gloo completes a work's future (which DDP's Reducer waits on) a moment before the work
-    itself says it is completed: the future is asked too."""
+    How it ended is read from the work's future (which DDP's Reducer waits on, and which gloo
+    completes a moment before the work says it is completed), never from ``Work.exception()``
+    or ``is_success()``: torch deprecates those with a warning in the rank's stderr, where a
+    user would look for it in their own code."""
     try:
         completed = work.is_completed()
     except Exception:  # a work torch no longer knows
         return None
-    if completed:
-        try:
-            return oplog.FAILED if work.exception() is not None else oplog.DONE
-        except Exception:  # older torch (2.9) has no exception() for these works: it completed
-            return oplog.DONE if getattr(work, "is_success", lambda: True)() else oplog.FAILED
     try:
         future = work.get_future()
-    except Exception:  # a work without a future
-        return None
+    except Exception:  # a work without a future: it ended, how is not known
+        return oplog.DONE if completed else None
     if not future.done():
-        return None
+        return oplog.DONE if completed else None
     try:
         future.value()
     except Exception:  # the error the op ended with
@@ -445,7 +441,7 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
     for name in sorted(KNOWN_OPS):
         _count_calls((dist, c10d), name, firer)
     count_storage_calls(firer)
-    pytest_ddpfault._step_hook = functools.partial(firer.on_call, "step")
+    steps.hook = functools.partial(firer.on_call, "step")
     if firer.counter.next_time() is not None:
         _start_timer(firer)
     return firer
