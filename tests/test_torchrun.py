@@ -144,15 +144,30 @@ def test_at_the_deadline_stacks_are_dumped_and_everything_is_killed(tmp_path):
 
 
 # Five all_reduce calls on a plain env:// group; argv[1]: the process group timeout (s).
-# With --idle, rank 0 waits forever after init, outside any collective.
+# With --idle, rank 0 waits forever after init, outside any collective. With
+# --after-frozen N, the other ranks start their collectives only once rank N is stopped
+# (hang_rank froze it in its first one): a peer's timeout cannot come before the freeze.
 COLLECTIVES = '''
-import sys, threading
+import os, sys, threading, time
 from datetime import timedelta
 import torch, torch.distributed as dist
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=float(sys.argv[1])))
-if dist.get_rank() == 0 and "--idle" in sys.argv:
+rank = dist.get_rank()
+if rank == 0 and "--idle" in sys.argv:
     threading.Event().wait()
+if "--after-frozen" in sys.argv:
+    frozen = int(sys.argv[sys.argv.index("--after-frozen") + 1])
+    store = dist.distributed_c10d._get_default_store()
+    if rank == frozen:
+        store.set(f"pid{frozen}", str(os.getpid()))
+    else:
+        store.wait([f"pid{frozen}"], timedelta(seconds=120))
+        stat, deadline = f"/proc/{int(store.get(f'pid{frozen}'))}/stat", time.monotonic() + 120
+        while open(stat).read().rsplit(")", 1)[1].split()[0] not in ("t", "T"):
+            if time.monotonic() > deadline:
+                sys.exit(f"rank {frozen} did not freeze in 120 s")
+            time.sleep(0.01)  # a poll with a deadline: a stopped process tells nobody
 for _ in range(5):
     dist.all_reduce(torch.ones(1))
 print(f"rank {dist.get_rank()} finished", flush=True)
@@ -187,8 +202,11 @@ def test_the_deadline_leaves_a_frozen_rank_frozen(tmp_path):
 def test_a_frozen_rank_under_torchrun_is_hung_and_costs_no_grace_period(tmp_path):
     """issue 10 §3: the agent's SIGTERM cannot reach a stopped worker; the harness kills it
     at once instead of letting the agent wait its 30 s, and reports it hung, not killed.
-    Rank 1 times out (2 s) waiting for the others; rank 0, idle, is stopped by the agent."""
-    res = run_torchrun(collectives_script(tmp_path), "2", "--idle", nproc=3, timeout=RUN_TIMEOUT,
+    Rank 1 times out (2 s) waiting for the others; rank 0, idle, is stopped by the agent.
+    Rank 1 starts its all_reduce only once rank 2 has frozen in its own (under load, rank 1's
+    2 s could end before rank 2 came to all_reduce #1, and nothing would have frozen)."""
+    res = run_torchrun(collectives_script(tmp_path), "2", "--idle", "--after-frozen", "2", nproc=3,
+                       timeout=RUN_TIMEOUT,
                        faults="hang_rank(rank=2, at=all_reduce#1)")
 
     assert res.exit_code == 1 and not res.timed_out, res.report()
