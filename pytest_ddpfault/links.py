@@ -23,8 +23,8 @@ from typing import Any
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
 
-__all__ = ["NODE_NET", "PROXY_HOST", "LinkProxies", "LinkProxy", "crossing", "install", "installed", "node_address",
-           "node_of_address", "scopes"]
+__all__ = ["NODE_NET", "PROXY_HOST", "LinkProxies", "LinkProxy", "NodeProxy", "StorePath", "crossing", "cut_off_nodes", "install",
+           "installed", "node_address", "node_of_address", "scopes"]
 
 # Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
 NODE_NET = 127 << 24 | 7 << 8
@@ -65,6 +65,46 @@ def crossing(side: Iterable[int], world_size: int) -> set[tuple[int, int]]:
     return {(min(a, b), max(a, b)) for a in inside for b in range(world_size) if b not in inside}
 
 
+def cut_off_nodes(side: Iterable[int], world_size: int, nodes: int) -> list[int]:
+    """The nodes n >= 1 that a cut around the ranks ``side`` separates from node 0, the
+    store's host: node n wholly on one side, node 0 wholly on the other. A cut through a
+    node (``ranks=`` naming some of its ranks) separates processes, not hosts: no store path."""
+    inside, per_node = set(side), world_size // nodes
+
+    def where(node: int) -> bool | None:  # True: wholly inside, False: wholly outside, None: split
+        members = {r in inside for r in range(node * per_node, (node + 1) * per_node)}
+        return members.pop() if len(members) == 1 else None
+
+    home = where(0)
+    if home is None:
+        return []
+    return [n for n in range(1, nodes) if where(n) is (not home)]
+
+
+@dataclass
+class NodeProxy(ProxyHandle):
+    """A proxy between node ``node`` and a store (``listen`` is where the node dials instead)."""
+
+    node: int
+    name: str
+    listen: str
+    api: ToxiproxyAPI
+    deadline: Deadline | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+class StorePath(NodeProxy):
+    """Node ``node``'s path to the store on node 0: its ranks' MASTER_PORT (the proxy listens
+    on node 0's address, MASTER_ADDR) leads to the store through it."""
+
+    @property
+    def link(self) -> str:
+        return f"node {self.node}-store"
+
+
 @dataclass
 class LinkProxy(ProxyHandle):
     """The proxy of the link between ranks ``a`` < ``b``."""
@@ -88,16 +128,24 @@ class LinkProxies:
     """The proxies of one run's crossed links, by link."""
 
     def __init__(self, api: ToxiproxyAPI, proxies: dict[tuple[int, int], LinkProxy], world_size: int,
-                 nodes: int) -> None:
+                 nodes: int, store_paths: dict[int, StorePath] | None = None) -> None:
         self.api, self.proxies, self.world_size, self.nodes = api, proxies, world_size, nodes
+        self.store_paths: dict[int, StorePath] = store_paths or {}
 
     @classmethod
     def create(cls, api: ToxiproxyAPI, plan: Iterable[Any], world_size: int, nodes: int,
-               deadline: Deadline) -> LinkProxies | None:
-        """One proxy per link some fault of ``plan`` crosses; None when none does."""
+               deadline: Deadline, store: str | None = None) -> LinkProxies | None:
+        """One proxy per link some fault of ``plan`` crosses; None when none does.
+
+        ``store`` (``host:port``, on node 0's address): also one path to it per node some
+        fault cuts off from node 0, as on real machines where the store lives with rank 0."""
         links: set[tuple[int, int]] = set()
+        cut_off: set[int] = set()
         for fault in plan:
-            links |= crossing(fault.definition.scope_ranks(fault, world_size, nodes), world_size)
+            side = fault.definition.scope_ranks(fault, world_size, nodes)
+            links |= crossing(side, world_size)
+            if store is not None and side:
+                cut_off.update(cut_off_nodes(side, world_size, nodes))
         if not links:
             return None
         table = cls(api, {}, world_size, nodes)
@@ -108,14 +156,22 @@ class LinkProxies:
                 info = api.call("POST", "/proxies", {"name": name, "upstream": _UNSET_UPSTREAM,
                                                      "listen": f"{PROXY_HOST}:0"}, deadline)
                 table.proxies[(a, b)] = LinkProxy(a, b, name, info["listen"], api)
+            for node in sorted(cut_off):
+                name = f"{run}_store_{node}"
+                listen = f"{store.rsplit(':', 1)[0]}:0"
+                info = api.call("POST", "/proxies", {"name": name, "upstream": store, "listen": listen}, deadline)
+                table.store_paths[node] = StorePath(node, name, info["listen"], api)
         except BaseException:
             table.close(deadline)
             raise
         return table
 
     def set_deadline(self, deadline: Deadline) -> None:
-        for proxy in self.proxies.values():
+        for proxy in self._all():
             proxy.deadline = deadline
+
+    def _all(self) -> list[ProxyHandle]:
+        return [*self.proxies.values(), *self.store_paths.values()]
 
     def between(self, a: int, b: int) -> LinkProxy | None:
         return self.proxies.get((min(a, b), max(a, b)))
@@ -128,25 +184,38 @@ class LinkProxies:
         per_node = self.world_size // self.nodes
         return None if node is None or node >= self.nodes else node * per_node + rank % per_node
 
-    def of_fault(self, fault: Any) -> list[LinkProxy]:
-        """The proxies of the links ``fault`` crosses, by link."""
+    def of_fault(self, fault: Any) -> list:
+        """The proxies of the links ``fault`` crosses, by link, then the store paths it cuts."""
         side = fault.definition.scope_ranks(fault, self.world_size, self.nodes)
-        return [self.proxies[link] for link in sorted(crossing(side, self.world_size))]
+        return [self.proxies[link] for link in sorted(crossing(side, self.world_size))] + \
+            self.store_paths_of(side)
+
+    def store_paths_of(self, side: Iterable[int]) -> list[StorePath]:
+        """The store paths a cut around ``side`` crosses (the nodes it separates from node 0)."""
+        return [self.store_paths[n] for n in cut_off_nodes(side, self.world_size, self.nodes)
+                if n in self.store_paths]
+
+    def store_port(self, node: int) -> int | None:
+        """The port node ``node``'s ranks reach the store on, when it has a path of its own."""
+        path = self.store_paths.get(node)
+        return None if path is None else path.port
 
     def close(self, deadline: Deadline | None = None) -> None:
-        for proxy in self.proxies.values():
+        for proxy in self._all():
             proxy.close(deadline)
 
     # -- to the ranks ---------------------------------------------------------------
     def to_wire(self) -> dict:
         return {"url": self.api.url, "world_size": self.world_size, "nodes": self.nodes,
-                "proxies": [[p.a, p.b, p.name, p.listen] for p in self.proxies.values()]}
+                "proxies": [[p.a, p.b, p.name, p.listen] for p in self.proxies.values()],
+                "store_paths": [[p.node, p.name, p.listen] for p in self.store_paths.values()]}
 
     @classmethod
     def from_wire(cls, wire: dict) -> LinkProxies:
         api = ToxiproxyAPI(wire["url"])
         proxies = {(a, b): LinkProxy(a, b, name, listen, api) for a, b, name, listen in wire["proxies"]}
-        return cls(api, proxies, wire["world_size"], wire["nodes"])
+        paths = {node: StorePath(node, name, listen, api) for node, name, listen in wire.get("store_paths", ())}
+        return cls(api, proxies, wire["world_size"], wire["nodes"], paths)
 
 
 _installed: LinkProxies | None = None

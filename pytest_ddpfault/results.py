@@ -288,6 +288,8 @@ class RankResult:
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             if text.strip():
                 out.append(f"{name} (last {_TAIL_LINES} lines):\n{_tail(text)}")
+    network: str = "proxies"      # the network engine of the run: what a scoped network fault could cut
+    network_note: str = ""        # what it covered, when a scoped network fault was in the plan
         return "\n".join(out)
 
 
@@ -342,7 +344,8 @@ class GroupResult:
                          r.status, _seconds(r.duration), r.detail()) for r in self.ranks])
         if self.faulted_ranks:
             lines.append("(* = targeted by a kill, crash or hang fault)")
-        return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired))
+        network = [f"network: {self.network}: {self.network_note}"] if self.network_note else []
+        return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired) + network)
 
     def report(self, ranks: Sequence[RankResult] | None = None) -> str:
         chosen = [r for r in self.ranks if r.status != "ok"] if ranks is None else list(ranks)

@@ -243,6 +243,7 @@ class RunAction:
     def before_ranks(self, setup) -> None:
         """Before the store starts (``setup`` is the set-up deadline)."""
 
+    master_addr: str        # where the ranks find the store (MASTER_ADDR)
     def before_launch(self) -> None:
         """The store (and its proxy) is up; the ranks are not started yet."""
 

@@ -21,7 +21,7 @@ class HeldPort(RunAction):
     def before_ranks(self, setup) -> None:
         # No SO_REUSEADDR: with it, rank 0's own bind would succeed beside ours.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((self.run.master_addr, 0))
         if self.fault.get("mode") == "listen":
             self.sock.listen(64)  # the kernel completes handshakes; nobody ever answers
         self.port = self.sock.getsockname()[1]

@@ -24,25 +24,17 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.links import PROXY_HOST, LinkProxies
-from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
+from pytest_ddpfault.links import PROXY_HOST, LinkProxies, NodeProxy
+from pytest_ddpfault.proxy_calls import ToxiproxyAPI
 from pytest_ddpfault.rank import env_plan
 
 _runs = itertools.count()
 
 
-@dataclass
-class AgentStoreLink(ProxyHandle):
+class AgentStoreLink(NodeProxy):
     """The proxy between node ``node``'s agent and the rendezvous store."""
-
-    node: int
-    name: str
-    listen: str
-    api: ToxiproxyAPI
-    deadline: Deadline | None = None
 
     @property
     def link(self) -> str:
@@ -72,6 +64,7 @@ class LaunchedLinkFaults:
     """One multi-node run's scoped network faults (None of it without one)."""
 
     store_proxy = None   # no store path under torchrun: unscoped network kinds are refused
+    master_addr = ""     # the agents' store, not the launcher's: no port_collision under torchrun
 
     def __init__(self, plan: tuple, nproc: int, nnodes: int, api: ToxiproxyAPI, setup: Deadline) -> None:
         self.faults = [f for f in plan if f.definition.scope_ranks(f, nproc * nnodes, nnodes)]

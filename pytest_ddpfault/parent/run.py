@@ -188,7 +188,7 @@ class GroupRun:
     def _start_store(self, setup: Deadline) -> None:
         p = self._paths("store")
         opts = {"world_size": self.config.world_size, "events_path": self.inbox.path,
-                "timeout": max(self.config.timeout, 1.0)}
+                "timeout": max(self.config.timeout, 1.0), "host": self.master_addr}
         job = ChildJob("store host", "pytest_ddpfault.rank.store_host:store_main", pickle.dumps(opts),
                        self._base_env(), os.getcwd(), list(_sys_path()), p["out"], p["err"], p["stack"])
         [(pid, started)] = self.launcher.launch_many([job], setup)
@@ -206,7 +206,7 @@ class GroupRun:
         from pytest_ddpfault.toxiproxy.client import StoreProxy, resolve_api
 
         api = resolve_api(self.config.toxiproxy)
-        self.store_proxy = StoreProxy(api, self.master_port, self.setup)
+        self.store_proxy = StoreProxy(api, self.master_port, self.setup, host=self.master_addr)
         self.master_port = self.store_proxy.port
         if self.on_proxy is not None:
             self.on_proxy(api.client_proxy(self.store_proxy.info))
@@ -218,12 +218,15 @@ class GroupRun:
 
         ws, nodes = self.config.world_size, self.config.nodes
         if any(f.definition.scope_ranks(f, ws, nodes) for f in self.plan):
-            self.link_proxies = LinkProxies.create(resolve_api(self.config.toxiproxy), self.plan, ws, nodes, setup)
+            # the store lives on node 0: a node cut off from it reaches it through its own path
+            store = f"{self.master_addr}:{self.master_port}" if nodes > 1 and self.use_agent_store else None
+            self.link_proxies = LinkProxies.create(resolve_api(self.config.toxiproxy), self.plan, ws, nodes, setup,
+                                                   store=store)
 
     def _base_env(self) -> dict:
         env = dict(os.environ)
         env.pop("DDPFAULT_PLAN", None)  # ranks of ddp.run get their plan directly
-        env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
+        env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": self.master_addr})
         env.update(self.config.env)
         return env
 
@@ -233,7 +236,7 @@ class GroupRun:
         env.update({
             "RANK": str(rank), "WORLD_SIZE": str(ws), "LOCAL_RANK": str(rank % per_node),
             "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node), "GROUP_WORLD_SIZE": str(self.config.nodes),
-            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self.master_port),
+            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(ws), "MASTER_PORT": str(self._master_port_of(node)),
             "TORCHELASTIC_RESTART_COUNT": "0",
         })
         # the node's own loopback address: its ranks' gloo devices bind to it (link proxies
@@ -252,6 +255,18 @@ class GroupRun:
         from pytest_ddpfault.rank.task import RankTask
 
         try:
+    @property
+    def master_addr(self) -> str:
+        """Where the store is: node 0's address with virtual nodes (as multi-node torchrun has
+        it), else 127.0.0.1."""
+        return node_address(0) if self.config.nodes > 1 else "127.0.0.1"
+
+    def _master_port_of(self, node: int) -> int:
+        """Node 0's ranks reach the store directly; a node some fault may cut off from node 0
+        through its own path (``links.StorePath``), which that fault also cuts."""
+        own = self.link_proxies.store_port(node) if self.link_proxies is not None else None
+        return self.master_port if own is None else own
+
             blob = dumps_call(self.fn, self.args, self.kwargs)
         except Exception as exc:
             raise HarnessError(f"cannot send {self.fn!r} to the ranks: {type(exc).__name__}: {exc}") from exc
@@ -413,7 +428,18 @@ class GroupRun:
                          for kind, rank, trigger, when, spec, detail, node in self._fired), key=lambda e: e.time)
         duration = round(time.monotonic() - self.start, 4)
         return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
-                           self._unfired(events, results, duration))
+                           self._unfired(events, results, duration), network="proxies",
+                           network_note=self._network_note())
+
+    def _network_note(self) -> str:
+        """What the scoped network faults of the plan could cut (nothing to say without one)."""
+        table = self.link_proxies
+        if table is None:
+            return ""
+        paths = (f" and the store paths of node{'s' if len(table.store_paths) > 1 else ''} "
+                 f"{', '.join(map(str, sorted(table.store_paths)))}") if table.store_paths else ""
+        return (f"Toxiproxy proxies on the gloo links{paths}; other sockets between the nodes "
+                f"(the user's own) are not cut")
 
     def _unfired(self, events: list[FaultEvent], results: list[RankResult], duration: float) -> list:
         """The plan's faults that never fired: their trigger did not come before the run ended."""

@@ -36,25 +36,26 @@ from pytest_ddpfault.ipc import EventSink
 
 def store_main(job) -> int:
     opts = pickle.loads(job.payload)
-    store = start_store(opts["world_size"], timedelta(seconds=opts["timeout"]))
+    store = start_store(opts["world_size"], timedelta(seconds=opts["timeout"]), opts.get("host", "127.0.0.1"))
     EventSink(opts["events_path"]).send("store_ready", port=store.port)
     while True:  # until the harness kills this process
         signal.pause()
 
 
-def start_store(world_size: int, timeout: timedelta):
-    """A master TCPStore on 127.0.0.1, port 0, listening on an IPv4-only socket where this
-    torch accepts one (``master_listen_fd``, torch >= 2.0), else on c10d's own socket."""
+def start_store(world_size: int, timeout: timedelta, host: str = "127.0.0.1"):
+    """A master TCPStore on ``host`` (127.0.0.1, or node 0's address with virtual nodes), port 0,
+    listening on an IPv4-only socket where this torch accepts one (``master_listen_fd``,
+    torch >= 2.0), else on c10d's own socket (every address: loopback reaches it)."""
     from torch.distributed import TCPStore
 
     common = dict(world_size=world_size, is_master=True, wait_for_workers=False, timeout=timeout)
     if "master_listen_fd" in (TCPStore.__init__.__doc__ or ""):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))  # TCPStore calls listen() itself
+        sock.bind((host, 0))  # TCPStore calls listen() itself
         port = sock.getsockname()[1]
         fd = sock.detach()  # c10d owns and closes it from here on
         try:
-            store = TCPStore("127.0.0.1", port, master_listen_fd=fd, **common)
+            store = TCPStore(host, port, master_listen_fd=fd, **common)
         except (RuntimeError, ValueError, TypeError) as exc:  # a backend that cannot take it
             print(f"ddpfault: TCPStore(master_listen_fd=...) failed ({exc}); "
                   f"using c10d's own listening socket", file=sys.stderr, flush=True)
@@ -62,7 +63,7 @@ def start_store(world_size: int, timeout: timedelta):
             if store.port == port:
                 return store
             del store  # a backend that ignored the fd: use c10d's own socket, as below
-    return TCPStore("127.0.0.1", 0, **common)
+    return TCPStore(host, 0, **common)
 
 
 # -- c10d's reverse lookups -----------------------------------------------------------

@@ -183,14 +183,16 @@ _names = itertools.count()
 
 
 class StoreProxy(ProxyHandle):
-    """A proxy in front of the run's store: listen 127.0.0.1:0, upstream the store.
+    """A proxy in front of the run's store: listen ``host``:0, upstream the store on ``host``
+    (127.0.0.1; node 0's address with virtual nodes, where MASTER_ADDR is).
 
     What the network fault kinds do to it waits no longer than ``deadline`` (the run's,
     set by the run): a fault's request never holds the run past its end."""
 
-    def __init__(self, api: ToxiproxyAPI, store_port: int, deadline: Deadline | None = None) -> None:
+    def __init__(self, api: ToxiproxyAPI, store_port: int, deadline: Deadline | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.api = api
         self.deadline = deadline
         self.name = f"ddpfault_store_{os.getpid()}_{next(_names)}"
-        self.info = api.create_proxy(self.name, f"127.0.0.1:{store_port}")
+        self.info = api.create_proxy(self.name, f"{host}:{store_port}", listen=f"{host}:0")
         self.port = int(self.info["listen"].rsplit(":", 1)[1])

@@ -1,0 +1,88 @@
+"""A virtual node is a host (issue 21, DESIGN 5.1): the store lives on node 0, and a node
+cut off from node 0 loses it too, as on real machines (the proxies engine: the node's
+ranks reach the store through a path of their own, which the fault also cuts)."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch.distributed as dist
+
+import pytest_ddpfault
+from pytest_ddpfault import run_group
+from pytest_ddpfault.links import cut_off_nodes, node_address
+
+
+def store_add_after_cut(pg_timeout=1.5):
+    """Every rank: init, a barrier (all connected), ``step()`` (the fault's trigger in its
+    counting rank), then one ``add`` on the default store: what came of it and how long it took."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    env = (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    pytest_ddpfault.step()
+    start = time.monotonic()
+    try:
+        outcome = ("ok", store.add("count", 1))
+    except Exception as exc:  # what the store client raises is the point
+        outcome = (type(exc).__name__, str(exc)[:200])
+    return outcome, time.monotonic() - start, env
+
+
+def test_cut_off_nodes_are_the_hosts_a_cut_separates_from_node_0():
+    # world 6 on 3 nodes: node n holds ranks 2n, 2n+1
+    assert cut_off_nodes({2, 3}, 6, 3) == [1]
+    assert cut_off_nodes({0, 1}, 6, 3) == [1, 2]        # node 0 cut off from the rest
+    assert cut_off_nodes({2, 3, 4, 5}, 6, 3) == [1, 2]
+    assert cut_off_nodes({2}, 6, 3) == []              # a cut through node 1: processes, not hosts
+    assert cut_off_nodes({0}, 6, 3) == []              # through node 0
+    assert cut_off_nodes({0, 1, 2, 3}, 6, 3) == [2]
+
+
+def test_with_nodes_master_addr_is_node_0s_address_and_no_fault_costs_no_store_path():
+    res = run_group(store_add_after_cut, world_size=4, nodes=2, timeout=30)
+    res.assert_all_ok()
+    assert {v[2] for v in res.values} == {(node_address(0), res.values[0][2][1])}  # one store, direct
+    assert sorted(v[0][1] for v in res.values) == [1, 2, 3, 4]
+    assert res.network == "proxies" and "network:" not in res.summary()
+
+
+def test_reject_partition_cuts_the_cut_off_nodes_store_calls_and_not_node_0s():
+    res = run_group(store_add_after_cut, world_size=4, nodes=2, timeout=30,
+                    faults="partition(nodes=(1,), rank=2, at=step#1, mode=reject)")
+    (kind, _), _, (addr, port) = res[2].value
+    assert addr == node_address(0)
+    assert kind == "DistNetworkError"           # the store's connection was reset under it
+    for rank in (0, 1):                          # node 0 reaches its own store directly
+        assert res[rank].value[0][0] == "ok", res.report()
+        assert res[rank].value[2] == (node_address(0), res[0].value[2][1])
+    assert port != res[0].value[2][1]            # node 1's store path is a port of its own
+    assert "node 1-store" in str(res.fault_events[0].detail)
+    assert "network: proxies" in res.summary() and "store paths of node 1" in res.summary()
+
+
+def test_drop_partition_holds_the_cut_off_nodes_store_calls_until_it_heals_nothing_lost():
+    duration = 1.0
+    res = run_group(store_add_after_cut, world_size=4, nodes=2, timeout=30,
+                    faults=f"partition(nodes=(1,), rank=2, at=step#1, duration={duration})")
+    res.assert_all_ok()
+    (kind, count), took, _ = res[2].value
+    # in place before rank 2's step() returned, lifted `duration` after: its add waited for it
+    assert kind == "ok" and took >= duration * 0.8, res.report()
+    assert sorted(v[0][1] for v in res.values) == [1, 2, 3, 4]   # every add arrived once
+    assert [e.detail for e in res.fault_events][-1] == "removed"
+
+
+def test_an_unscoped_store_fault_still_proxies_the_whole_store_path_with_nodes():
+    res = run_group(store_add_after_cut, world_size=4, nodes=2, timeout=30, proxy=True)
+    res.assert_all_ok()
+    assert {v[2][0] for v in res.values} == {node_address(0)}
+
+
+@pytest.mark.ddp(world_size=4, nodes=2, fault="partition(nodes=(1,), rank=2, at=step#1, mode=reject)", timeout=30)
+def test_the_ddp_fixture_reports_the_network_engine(ddp):
+    res = ddp.run(store_add_after_cut)
+    assert res.network == "proxies"
+    assert res[2].value[0][0] == "DistNetworkError"
