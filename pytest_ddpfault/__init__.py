@@ -9,22 +9,12 @@ from pytest_ddpfault.errors import (
     FaultSpecError, HarnessError, HarnessWarning, SettingsError, TorchrunError, UnfiredFaultWarning,
 )
 from pytest_ddpfault.faults import Fault
+from pytest_ddpfault.rank.steps import step
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
 
 __all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "HarnessWarning", "RankResult",
            "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
 __version__ = "0.1.0"
-
-# Set inside a rank by the trigger machinery; None everywhere else.
-_step_hook = None
-
-
-def step() -> None:
-    """Mark one training step, for ``at=step#N`` triggers. A no-op outside the plugin."""
-    hook = _step_hook
-    if hook is not None:
-        hook()
-
 
 def run_group(fn, *args, **kwargs) -> GroupResult:
     """Run ``fn`` in a real process group without pytest; see ``harness.run_group``."""

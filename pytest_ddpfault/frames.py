@@ -1,5 +1,7 @@
 """Tracebacks and stacks as users read them: the harness's own frames hidden (as pytest
-hides its own), and the fields that describe an exception in results and events.
+hides its own), torch's C++ build paths shortened, and the fields that describe an
+exception in results and events. Stdlib only, imports nothing of the package: the rank
+side, the results and the pictures of a run all use it.
 
 A traceback or stack of a rank runs through the bootstrap, the trigger wrappers and the
 fault kinds before it reaches the user's code or torch. Those frames are ours, not the
@@ -17,8 +19,21 @@ ENV_SHOW = "DDPFAULT_SHOW_INTERNAL_FRAMES"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Below the user's code in a rank: the interpreter's own start-up of the child.
 _BOOTSTRAP_FILES = ("<frozen runpy>",)
+# "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] ...": torch's
+# and gloo's C++ errors start with the build machine's path; the file name is enough.
+_BUILD_PATH = re.compile(r"\[(?:[^\]\s]*[/\\])([^/\\\]\s]+:\d+)\]")
 # a frame line of faulthandler ('  File "x.py", line 3 in f') or of traceback ('  File "x.py", line 3, in f')
 _FRAME_LINE = re.compile(r'^\s*File "([^"]+)", line \d+')
+
+
+def strip_build_paths(text: str) -> str:
+    """``[/__w/.../gloo/transport/tcp/pair.cc:553] Connection closed`` -> ``[pair.cc:553] ...``."""
+    return _BUILD_PATH.sub(r"[\1]", text)
+
+
+def qualified_name(cls: type) -> str:
+    module = getattr(cls, "__module__", "builtins")
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def showing_internals() -> bool:
@@ -49,8 +64,6 @@ def format_exception(exc: BaseException) -> str:
 def exception_fields(exc: BaseException) -> dict:
     """What a result or an event says of an exception: its type (and MRO, for
     ``RankResult.raised``), message and traceback (without the harness's frames)."""
-    from pytest_ddpfault.results import qualified_name
-
     return {"exc_type": qualified_name(type(exc)), "exc_mro": [qualified_name(c) for c in type(exc).__mro__],
             "message": str(exc), "traceback": format_exception(exc)}
 

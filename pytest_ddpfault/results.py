@@ -10,15 +10,9 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from pytest_ddpfault.frames import qualified_name, strip_build_paths
+
 _TAIL_LINES = 20
-# "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] ...": torch's
-# and gloo's C++ errors start with the build machine's path; the file name is enough.
-_BUILD_PATH = re.compile(r"\[(?:[^\]\s]*[/\\])([^/\\\]\s]+:\d+)\]")
-
-
-def strip_build_paths(text: str) -> str:
-    """``[/__w/.../gloo/transport/tcp/pair.cc:553] Connection closed`` -> ``[pair.cc:553] ...``."""
-    return _BUILD_PATH.sub(r"[\1]", text)
 
 
 def signal_name(sig: int | None) -> str:
@@ -28,11 +22,6 @@ def signal_name(sig: int | None) -> str:
         return _signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
-
-
-def qualified_name(cls: type) -> str:
-    module = getattr(cls, "__module__", "builtins")
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

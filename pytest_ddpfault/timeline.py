@@ -17,7 +17,7 @@ import json
 import os
 import zlib
 
-from pytest_ddpfault.results import strip_build_paths
+from pytest_ddpfault.frames import strip_build_paths
 
 __all__ = ["group_lanes", "torchrun_lanes", "write_html", "write_trace"]
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import pytest_ddpfault
 from _workloads import CLOSED, INJECTED, SHORT_PG, ddp_training, init_group
 from pytest_ddpfault import Fault
+from pytest_ddpfault.rank import steps
 
 
 
@@ -151,7 +152,7 @@ def init_with_progress(pg_timeout=SHORT_PG):
 def steps_without_a_plan(n):
     for _ in range(n):
         pytest_ddpfault.step()
-    return pytest_ddpfault._step_hook is None, n
+    return steps.hook is None, n
 
 
 # -- which call a fault fires on (one rank, exact) -----------------------------------------
@@ -220,9 +221,9 @@ def test_delay_every_from_a_later_trigger_slows_that_call_and_the_following_ones
 
 
 def test_step_is_a_no_op_outside_a_rank_and_only_marks_the_op_log_without_a_plan(ddp):
-    assert pytest_ddpfault._step_hook is None
+    assert steps.hook is None
     assert pytest_ddpfault.step() is None
-    assert pytest_ddpfault._step_hook is None
+    assert steps.hook is None
     res = ddp.run(steps_without_a_plan, 3)
     res.assert_all_ok()
     assert res.values == [(False, 3), (False, 3)]  # the op log (on by default) counts steps

@@ -1,6 +1,7 @@
 """The layout's rules, checked on the source (DESIGN section 3):
 
-- no import cycles between the package's modules (module-level imports);
+- no import cycles between the package's modules: none at module level, and none even
+  through the imports inside functions or under ``TYPE_CHECKING``;
 - rank-side modules import nothing from the parent side (nor the pytest glue);
 - no kind-name comparisons outside the fault kinds (capabilities, not names);
 - no private names used across modules.
@@ -72,6 +73,69 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+def _every_import(name: str, tree: ast.Module) -> set[str]:
+    """Package modules ``name`` imports anywhere (in functions, under ``TYPE_CHECKING`` too),
+    each resolved to the module it names: ``from pkg import mod`` is ``pkg.mod``, ``from pkg
+    import name`` is ``pkg`` (the package itself, ``import pytest_ddpfault`` included)."""
+    package = name if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists() else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{module}" if module else base
+            found.update(f"{module}.{a.name}" if f"{module}.{a.name}" in MODULES else module for a in node.names)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected parts of ``graph`` with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph[node]:
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            part = []
+            while not part or part[-1] != node:
+                part.append(stack.pop())
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return found
+
+
+def test_no_import_cycles_even_through_lazy_imports():
+    """A lazy import only hides a cycle: the parts still cannot be read, tested or moved
+    apart (issue 20 §6 broke the last three: results <-> timeline, faults.base <-> faults.spec,
+    rank.hooks -> the package -> parent.run -> rank.hooks)."""
+    graph = {name: _every_import(name, tree) for name, tree in MODULES.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_sees_imports_inside_functions():
+    lazy = ast.parse("def f():\n    from pytest_ddpfault import results, faults\n    import pytest_ddpfault\n"
+                     "    from pytest_ddpfault.faults import Fault\n")
+    assert _every_import("pytest_ddpfault.frames", lazy) == {
+        "pytest_ddpfault.results", "pytest_ddpfault.faults", "pytest_ddpfault"}
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}) == [["a", "b", "c"]]
 
 
 def test_rank_side_imports_nothing_of_the_parent_side():

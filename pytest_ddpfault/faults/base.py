@@ -24,23 +24,33 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pytest_ddpfault.errors import FaultSpecError
 from pytest_ddpfault.faults._words import did_you_mean, show
 from pytest_ddpfault.faults.params import Param
 from pytest_ddpfault.faults.triggers import Trigger
 
-if TYPE_CHECKING:
-    from pytest_ddpfault.faults.spec import Fault
-
-__all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "OnStorageCall", "RunAction",
-           "RunControl", "StorageCall", "kind_named", "kind_names", "kinds_with", "register", "storage_call"]
+__all__ = ["CAPABILITIES", "KINDS", "FaultKind", "HarnessSide", "InRank", "OnStorageCall", "PlannedFault",
+           "RunAction", "RunControl", "StorageCall", "kind_named", "kind_names", "kinds_with", "register",
+           "storage_call"]
 
 KINDS: dict[str, FaultKind] = {}
 CAPABILITIES = ("acts_in_rank", "targets_rank", "harness_side", "needs_proxy", "before_ranks",
                 "takes_rank", "takes_at", "is_toxic", "once_per_plan", "freezes_rank", "acts_on_storage",
                 "needs_harness")
+
+
+class PlannedFault(Protocol):
+    """What a kind is given of one fault of its kind (``spec.Fault`` is one): a protocol,
+    because ``spec`` builds its faults from the kinds declared here and imports this module."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def rank(self) -> int | None: ...
+    def get(self, key: str) -> Any: ...
+    def resolved_at(self) -> Trigger | None: ...
 
 
 def register(cls: type[FaultKind]) -> type[FaultKind]:
@@ -116,39 +126,39 @@ class FaultKind:
     def check(self, values: Mapping[str, Any]) -> None:
         """Checks across params (after each was parsed); raise FaultSpecError."""
 
-    def repeats(self, fault: Fault) -> bool:
+    def repeats(self, fault: PlannedFault) -> bool:
         """True when the fault fires on every counted call from its trigger on."""
         return False
 
-    def orphans_workers(self, fault: Fault) -> bool:
+    def orphans_workers(self, fault: PlannedFault) -> bool:
         """True when the fault kills a torchrun agent and leaves its workers running (they
         must not die with it, as the launched run's processes otherwise do)."""
         return False
 
-    def check_group_run(self, fault: Fault) -> None:
+    def check_group_run(self, fault: PlannedFault) -> None:
         """Checks for a plan the ddp.run harness carries out (not a launched run's); raise FaultSpecError."""
 
-    def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
+    def check_group(self, fault: PlannedFault, world_size: int, nodes: int) -> None:
         """Checks against the group (``world_size`` ranks on ``nodes`` nodes); raise FaultSpecError."""
         if fault.rank is not None and fault.rank >= world_size:
             raise FaultSpecError(f"rank {fault.rank} is outside the group (world_size={world_size}): "
                                  f"allowed 0..{world_size - 1} (in fault spec {str(fault)!r})")
 
-    def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int | None:
+    def acting_rank(self, fault: PlannedFault, world_size: int, nodes: int) -> int | None:
         """The rank its trigger counts in (default world_size-1); None for kinds without a rank."""
         if not self.takes_rank:
             return None
         return world_size - 1 if fault.rank is None else fault.rank
 
-    def proxies_store(self, fault: Fault) -> bool:
+    def proxies_store(self, fault: PlannedFault) -> bool:
         """Whether it needs the run's store traffic to go through a Toxiproxy proxy."""
         return self.needs_proxy
 
-    def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+    def scope_ranks(self, fault: PlannedFault, world_size: int, nodes: int) -> frozenset[int]:
         """The ranks on one side of the cut whose links it acts on (empty: no links)."""
         return frozenset()
 
-    def target_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+    def target_ranks(self, fault: PlannedFault, world_size: int, nodes: int) -> frozenset[int]:
         """The ranks it hits that are not survivors (``targets_rank``)."""
         rank = self.acting_rank(fault, world_size, nodes)
         return frozenset({rank}) if self.targets_rank and rank is not None else frozenset()
@@ -165,10 +175,10 @@ class InRank(FaultKind):
     # on a loaded machine. Kinds that end the rank (kill, crash) must tell it first.
     reports_when_in_place: ClassVar[bool] = False
 
-    def fire_in_rank(self, fault: Fault) -> None:
+    def fire_in_rank(self, fault: PlannedFault) -> None:
         raise NotImplementedError
 
-    def event_fields(self, fault: Fault) -> dict[str, Any]:
+    def event_fields(self, fault: PlannedFault) -> dict[str, Any]:
         """Extra fields of the fault event the rank sends when it fires (JSON values)."""
         return {}
 
@@ -211,14 +221,14 @@ def storage_call(call: StorageCall) -> Iterator[StorageCall]:
 class OnStorageCall(InRank):
     """Capability: the action is carried out on the save or load call it is due on."""
 
-    def fire_in_rank(self, fault: Fault) -> None:
+    def fire_in_rank(self, fault: PlannedFault) -> None:
         call = _STORAGE_CALL.get()
         if call is None:
             raise RuntimeError(f"{fault} acts on a checkpoint save or load, and none is in progress "
                                f"(its trigger is {fault.resolved_at()})")
         self.act_on_call(fault, call)
 
-    def act_on_call(self, fault: Fault, call: StorageCall) -> None:
+    def act_on_call(self, fault: PlannedFault, call: StorageCall) -> None:
         raise NotImplementedError
 
 
@@ -237,7 +247,7 @@ class RunControl(Protocol):
 class RunAction:
     """One harness-side fault in one run; each moment is optional."""
 
-    def __init__(self, fault: Fault, run: RunControl) -> None:
+    def __init__(self, fault: PlannedFault, run: RunControl) -> None:
         self.fault, self.run = fault, run
 
     def before_ranks(self, setup) -> None:
@@ -266,7 +276,7 @@ class HarnessSide(FaultKind):
 
     refused = {"rank": "it acts on the whole group from the harness"}
 
-    def action(self, fault: Fault, run: RunControl) -> RunAction:
+    def action(self, fault: PlannedFault, run: RunControl) -> RunAction:
         raise NotImplementedError
 
 
