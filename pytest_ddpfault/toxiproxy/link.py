@@ -6,7 +6,13 @@ objects, no tasks; back-pressure by pausing the source). With toxics it runs a c
 
     source --> head Pipe --> Stage(toxic 1) --> Pipe --> ... --> sink Pipe --> writer --> dest
 
-Each :class:`Stage` runs one toxic in its own task. Toxics can be added, updated and
+Each :class:`Stage` runs one toxic in its own task. The chain buffers as Toxiproxy's does.
+There, data enters the chain in chunks of at most 32 KiB (Go's ``io.Copy`` buffer) and
+each toxic's input is a channel holding its ``GetBufferSize()`` chunks (1024 for
+``latency``, else none: a hand-over). Here a pipe holds as many :data:`CHUNK` -sized units
+as the toxic's ``buffer_size`` (a chunk read here counts as the 32 KiB reads it would
+take in Go), so ``latency`` keeps up to ~32 MiB in flight and bulk throughput under it is
+Toxiproxy's. Toxics can be added, updated and
 removed while the connection is open: a stage is *interrupted* (every wait it makes also
 waits on the interrupt), forwards what it held so that nothing is lost, and then restarts
 with the new attributes or leaves the chain. The end of a stream travels through the chain
@@ -27,14 +33,12 @@ from typing import Any, Callable, Iterable
 
 from .toxics import NOOP, Cleanup, Stateful, ToxicSpec
 
-__all__ = ["Chunk", "Pipe", "Stage", "Link", "HIGH_WATER", "LOW_WATER"]
+__all__ = ["Chunk", "Pipe", "Stage", "Link", "CHUNK"]
 
 log = logging.getLogger("pytest_ddpfault.toxiproxy")
 
-#: bytes queued in one pipe before its producer waits (and the source stops reading)
-HIGH_WATER = 1 << 20
-#: bytes below which a waiting producer resumes
-LOW_WATER = 1 << 18
+#: Go's ``io.Copy`` reads at most 32 KiB at a time: a pipe counts chunks in these units
+CHUNK = 32 * 1024
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -59,35 +63,46 @@ class Chunk:
     def __len__(self) -> int:
         return 0 if self.data is None else len(self.data)
 
+    @property
+    def units(self) -> int:
+        """How many Go chunks (reads of up to :data:`CHUNK` bytes) this chunk stands for."""
+        return max(1, -(-len(self) // CHUNK))
+
 
 class Interrupted(Exception):
     """Raised inside a stage's wait when its toxic is updated or removed."""
 
 
 class Pipe:
-    """A FIFO of chunks between two stages that counts its bytes; one consumer."""
+    """A FIFO of chunks into one stage (or the writer), holding ``capacity`` chunk units.
 
-    __slots__ = ("items", "nbytes", "_getter", "_space")
+    Like a Go channel of that buffer size: a producer that has put a chunk into a full
+    pipe (more than ``capacity`` units queued; 0 means every chunk is a hand-over) waits
+    until the consumer has taken enough for it to be no longer full.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("items", "units", "capacity", "_getter", "_space")
+
+    def __init__(self, capacity: int = 0) -> None:
         self.items: collections.deque[Chunk] = collections.deque()
-        self.nbytes = 0
+        self.units = 0
+        self.capacity = capacity
         self._getter: asyncio.Future | None = None
         self._space: list[Callable[[], None]] = []
 
     @property
     def full(self) -> bool:
-        return self.nbytes > HIGH_WATER
+        return self.units > self.capacity
 
     def put(self, chunk: Chunk) -> None:
         self.items.append(chunk)
-        self.nbytes += len(chunk)
+        self.units += chunk.units
         self.kick()
 
     def pop(self) -> Chunk:
         chunk = self.items.popleft()
-        self.nbytes -= len(chunk)
-        if self._space and self.nbytes <= LOW_WATER:
+        self.units -= chunk.units
+        if self._space and self.units <= self.capacity:
             self.release()
         return chunk
 
@@ -96,7 +111,7 @@ class Pipe:
         self._getter = fut
 
     def on_space(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the pipe has drained below the low-water mark."""
+        """Call ``callback`` once the pipe is no longer full."""
         self._space.append(callback)
 
     def kick(self) -> None:
@@ -324,7 +339,7 @@ class Link:
             return
         if self.head is None:
             self._chain_mode()
-        pipe = Pipe()
+        pipe = Pipe(spec.toxic.buffer_size)
         stage = Stage(self, spec, pipe, self.sink)
         if self.stages:
             self.stages[-1].output = pipe

@@ -86,6 +86,8 @@ class Toxic:
     type_name: ClassVar[str]
     go_struct: ClassVar[str]  # Go struct name, for error messages
     fields: ClassVar[tuple[Field, ...]] = ()
+    #: chunks the toxic's input holds (Go's ``GetBufferSize``); 0: every chunk a hand-over
+    buffer_size: ClassVar[int] = 0
 
     def __init__(self, **values: int) -> None:
         for field in self.fields:
@@ -136,12 +138,14 @@ class Latency(Toxic):
     """Delays each chunk by ``latency`` ± U(``jitter``) milliseconds from its arrival.
 
     Chunks are pipelined: each one's delay counts from when it reached the proxy, so
-    delays of back-to-back chunks do not add up.
+    delays of back-to-back chunks do not add up. Its input holds 1024 chunks, as in
+    Toxiproxy, so up to ~32 MiB are in flight under it.
     """
 
     type_name = "latency"
     go_struct = "LatencyToxic"
     fields = (Field("latency", "int64"), Field("jitter", "int64"))
+    buffer_size = 1024
 
     def delay(self) -> float:
         jitter = RNG.randrange(2 * self.jitter) - self.jitter if self.jitter > 0 else 0
@@ -154,39 +158,39 @@ class Latency(Toxic):
         await stage.forward()
 
 
-class _Pacing:
-    __slots__ = ("ready",)
-
-    def __init__(self) -> None:
-        self.ready = 0.0  # loop time when the bytes sent so far are "paid for"
-
-
 @register
 class Bandwidth(Toxic):
-    """Limits the stream to ``rate`` KB/s (1 KB = 1000 bytes); ``rate: 0`` stalls it.
+    """Limits the stream to ``rate`` KB/s (1 KB = 1000 bytes); ``rate`` <= 0 stalls it.
 
-    Data goes out in slices of at most 100 ms worth, each when the rate allows.
+    As in Toxiproxy, each chunk owes ``len / rate`` of waiting and a chunk of more than
+    100 ms worth goes out in 100 ms slices. The waits keep one schedule for the stream, so
+    a wait that overran (timer granularity, a busy loop) is paid back by the next ones
+    and the rate holds over a long transfer; time when no data was waiting is not credited
+    (the schedule starts again from a chunk's arrival).
     """
 
     type_name = "bandwidth"
     go_struct = "BandwidthToxic"
     fields = (Field("rate", "int64"),)
 
-    def new_state(self) -> _Pacing:
-        return _Pacing()
-
-    async def on_data(self, stage: Any, chunk: Any) -> None:
-        if self.rate <= 0:
-            await stage.stall()
-        pacing: _Pacing = stage.state
-        pacing.ready = max(pacing.ready, stage.now())
-        remaining = len(chunk.data)
-        while remaining:
-            piece = min(remaining, self.rate * 100)
-            pacing.ready += piece / (self.rate * 1000)
-            await stage.sleep_until(pacing.ready)
-            await stage.forward(piece)
-            remaining -= piece
+    async def pipe(self, stage: Any) -> None:
+        ready = stage.now()  # when the bytes forwarded so far are paid for
+        slice_bytes = self.rate * 100
+        while not stage.closed:
+            chunk = await stage.recv()
+            if chunk.end:
+                await stage.forward()
+                continue
+            if self.rate <= 0:
+                await stage.stall()
+            ready = max(ready, chunk.ts)
+            remaining = len(chunk)
+            while remaining:
+                piece = min(remaining, slice_bytes)
+                ready += piece / (self.rate * 1000)
+                await stage.sleep_until(ready)
+                await stage.forward(piece)
+                remaining -= piece
 
 
 @register
@@ -204,9 +208,10 @@ class SlowClose(Toxic):
 
 @register
 class Timeout(Toxic):
-    """Drops all data; closes the connection ``timeout`` ms after it started (0: never).
+    """Drops all data; closes the connection once ``timeout`` ms pass with no data (0: never).
 
-    Removing the toxic closes the connections it was holding.
+    As in Toxiproxy, the timer restarts with every chunk dropped: a connection that keeps
+    sending stays open. Removing the toxic closes the connections it was holding.
     """
 
     type_name = "timeout"
@@ -214,8 +219,8 @@ class Timeout(Toxic):
     fields = (Field("timeout", "int64"),)
 
     async def pipe(self, stage: Any) -> None:
-        deadline = stage.now() + self.timeout / 1000.0 if self.timeout > 0 else None
         while not stage.closed:
+            deadline = stage.now() + self.timeout / 1000.0 if self.timeout > 0 else None
             chunk = await stage.recv(deadline=deadline)
             if chunk is None:  # the timeout passed
                 await stage.close()

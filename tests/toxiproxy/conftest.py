@@ -206,6 +206,19 @@ def api(server: EmbeddedToxiproxy) -> Iterator[Api]:
 
 
 @pytest.fixture
+def metered() -> Iterator[SimpleNamespace]:
+    """A server with proxy metrics (``/metrics``), as ``.server`` and ``.api``."""
+    srv = EmbeddedToxiproxy("127.0.0.1", 0, proxy_metrics=True).start()
+    client = Api(srv.url)
+    try:
+        yield SimpleNamespace(server=srv, api=client)
+    finally:
+        client.close()
+        srv.stop(timeout=5.0)
+        assert not srv.running, "embedded toxiproxy thread did not stop"
+
+
+@pytest.fixture
 def make_upstream() -> Iterator[Callable[..., Upstream]]:
     made: list[Upstream] = []
 

@@ -7,6 +7,7 @@ toxic must never be faster than it says).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -289,3 +290,97 @@ def test_no_byte_lost_while_toxics_come_and_go(api, echo_proxy, connect, tp):
     assert not sender_error and not sender.is_alive()
     assert bytes(received) == payload
     assert step > 20, "the test should have changed toxics mid-stream"
+
+
+# --- under load: buffering, timers and pacing as in Toxiproxy 2.8 --------------------------
+
+
+def _drains(conn, upstream):
+    while upstream.recv(conn):
+        pass
+
+
+def _link_bytes(api, proxy: str, direction: str) -> tuple[int, int]:
+    """``(received, sent)`` bytes of one link of ``proxy``, from ``/metrics``."""
+    page = api.get("/metrics")
+    assert page.status_code == 200, page.text
+    counts = []
+    for kind in ("received", "sent"):
+        match = re.search(rf'^toxiproxy_proxy_{kind}_bytes_total{{direction="{direction}",'
+                          rf'[^}}]*proxy="{proxy}"[^}}]*}} (\S+)$', page.text, re.M)
+        counts.append(int(float(match.group(1))) if match else 0)
+    return counts[0], counts[1]
+
+
+def test_latency_holds_toxiproxys_buffer_in_flight(metered, make_upstream, connect, tp):
+    """Under ``latency`` the proxy holds what Toxiproxy's toxic channel does: 1024 chunks
+    of up to 32 KiB, so bulk throughput is ~32 MiB per latency period. (A 1 MiB pipe
+    held ~1 MiB: 13 MiB/s at 100 ms, where the real server does 104 MiB/s.)"""
+    api = metered.api
+    port = api.create_proxy("bulk", make_upstream(_drains).address)
+    api.add_toxic("bulk", "latency", stream="upstream", attributes={"latency": 10_000})
+    sock = connect(port)
+    sock.setblocking(False)
+    block = bytes(1 << 20)
+    looks: list[tuple[int, int]] = []  # (bytes the client could send, bytes in flight)
+
+    def push() -> int:
+        pushed = 0
+        try:
+            while True:
+                pushed += sock.send(block)
+        except BlockingIOError:
+            pass
+        received, sent = _link_bytes(api, "bulk", "upstream")
+        assert sent == 0, f"{sent} bytes passed a 10 s latency"
+        looks.append((pushed, received))
+        return received
+
+    tp.wait_for(lambda: push() >= 16 << 20, what="16 MiB in flight under latency")
+    # then until it is full: the client blocked, and the proxy read nothing more
+    tp.wait_for(lambda: push() == looks[-2][1] and looks[-1][0] == 0, what="a full buffer")
+    assert looks[-1][1] <= (32 << 20) + (1 << 20), f"{looks[-1][1]} bytes in flight: beyond Go's"
+
+
+def test_timeout_restarts_with_every_chunk(api, echo_proxy, connect, tp):
+    """As in Toxiproxy, each chunk restarts the timer: a connection that keeps sending
+    stays open past ``timeout``; once quiet, it closes ``timeout`` after its last data."""
+    api.add_toxic("echo", "timeout", stream="upstream", attributes={"timeout": 600})
+    sock = connect(echo_proxy, timeout=0.1)
+    start = last = time.perf_counter()
+    while last - start < 1.5:  # 2.5 timeouts of sending, a byte every ~0.1 s
+        last = time.perf_counter()
+        sock.sendall(b"x")
+        try:
+            data = sock.recv(10)
+        except socket.timeout:
+            continue  # still open, and the byte was dropped
+        pytest.fail(f"got {data!r} {time.perf_counter() - start:.2f} s into sending: "
+                    "a connection that keeps sending must stay open")
+    sock.settimeout(tp.IO_TIMEOUT)
+    assert sock.recv(10) == b""
+    assert 0.6 <= time.perf_counter() - last < 1.2
+
+
+def test_bandwidth_holds_the_rate_over_a_long_transfer(api, make_upstream, connect, tp):
+    """Overrun waits are paid back by the next ones: 20 MB at 10 000 KB/s arrive at the
+    rate within a few percent (Toxiproxy: ~1 % under; a schedule restarted at every
+    chunk lost 5-7 %). Measured from the first chunk's arrival to the last byte."""
+    payload = os.urandom(20_000_000)
+
+    def sends_slowly_then_closes(conn, upstream):
+        conn.settimeout(4 * tp.IO_TIMEOUT)  # the whole sendall, paced by the toxic: ~2 s
+        conn.sendall(payload)
+
+    port = api.create_proxy("bulk", make_upstream(sends_slowly_then_closes).address)
+    api.add_toxic("bulk", "bandwidth", attributes={"rate": 10_000})
+    sock = connect(port)
+    data = bytearray(sock.recv(1 << 20))
+    first, start = len(data), time.perf_counter()
+    end = start
+    while more := sock.recv(1 << 20):
+        data += more
+        end = time.perf_counter()
+    assert data == payload
+    rate = (len(data) - first) / (end - start) / 1000
+    assert 9_600 <= rate <= 10_300, f"{rate:.0f} KB/s for rate 10000"
