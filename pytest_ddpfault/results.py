@@ -460,6 +460,7 @@ class NodeResult:
     stderr: str = ""
     timed_out: bool = False             # still running at the harness deadline
     stack: str | None = None            # the agent's stacks when it was ended at the deadline
+    reason: str = ""                    # why a failed agent failed, from its own output ("RendezvousTimeoutError")
 
     @property
     def ok(self) -> bool:
@@ -471,7 +472,7 @@ class NodeResult:
         elif self.signal is not None:
             end = f"agent died of {signal_name(self.signal)}"
         else:
-            end = f"agent exit code {self.exit_code}"
+            end = f"agent exit code {self.exit_code}" + (f": {self.reason}" if self.reason else "")
         return f"{end} (lost: {self.lost})" if self.lost else end
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pytest_ddpfault import run_group
 from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
-from pytest_ddpfault.launchers.torchrun import TorchrunResult, run_script, run_torchrun
+from pytest_ddpfault.launchers.torchrun import TorchrunResult, agent_failure, run_script, run_torchrun
 from pytest_ddpfault.rank.env_plan import EnvPlanError, validate_env_plan
 
 from _helpers import assert_nothing_left, children_of, poll
@@ -119,6 +120,11 @@ def test_with_min_nodes_2_the_job_fails_and_names_the_lost_node(ddp, tmp_path):
     assert res.exit_code == 1   # node 0's agent: its re-rendezvous never found a second node
     assert res.lost_nodes == [1] and res.node(1).signal == signal.SIGKILL
     assert "RendezvousTimeoutError" in res.node(0).stderr
+    # the node table says why the agent failed, from its own output (its workers' lines, teed into
+    # it with a "[default0]:" prefix, end in their own RuntimeError)
+    assert res.node(0).reason == "RendezvousTimeoutError"
+    assert re.search(r"^0 +127\.0\.7\.1 +\d+ +agent exit code 1: RendezvousTimeoutError$", res.summary(), re.M), \
+        res.summary()
     assert "(lost: node 1)" in res.describe_end()
     with pytest.raises(AssertionError, match=r"exit code 1 \(lost: node 1\)"):
         res.assert_ok()
@@ -185,6 +191,31 @@ def test_a_node_fault_needs_a_multi_node_launcher():
 def test_an_agent_only_kill_is_refused_where_there_is_no_agent():
     with pytest.raises(FaultSpecError, match="agent_only=true needs torchrun agents"):
         DDP(world_size=2, nodes=2, faults="kill_node(node=1, agent_only=true)")
+
+
+CHILD_FAILED = """\
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 1032, in <module>
+    main()
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+train.py FAILED
+------------------------------------------------------------
+"""
+
+
+@pytest.mark.parametrize("output, reason", [
+    ("[default0]:Traceback (most recent call last):\n[default0]:RuntimeError: a worker's own\n", ""),
+    ("[default0]:RuntimeError: a worker's own\n" + CHILD_FAILED, "ChildFailedError: train.py FAILED"),
+    ("Traceback (most recent call last):\n  File \"a.py\", line 1, in f\nKeyError: 'x'\n\nDuring handling of the "
+     "above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File \"a.py\", line 3\n"
+     "    raise RendezvousTimeoutError\ntorch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n",
+     "RendezvousTimeoutError"),
+    ("Traceback (most recent call last):\n  File \"a.py\", line 1\nValueError: " + "x" * 200 + "\n", "ValueError: " + "x" * 85 + "..."),
+    ("", ""),
+])
+def test_an_agents_failure_is_its_last_own_exception(output, reason):
+    assert agent_failure(output) == reason
 
 
 def test_rdzv_conf_forms():

@@ -88,6 +88,10 @@ _OWN_ENV = (env_plan.ENV_PLAN, env_plan.ENV_ATTEMPT, env_plan.ENV_EVENTS, env_pl
 # The agent's log lines (torch.distributed.elastic.multiprocessing.api): a worker's end.
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 _AGENT_STOPPED = re.compile(r"Sending process (\d+) closing signal (SIG[A-Z0-9]+)")
+# The agent's own uncaught exception: a traceback from the start of a line (the workers' lines
+# teed into its output carry a "[default0]:" prefix), its last unindented line "module.Error: message".
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)(?::\s*(.*))?")
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -531,7 +535,8 @@ class _LaunchRun:
                           exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
                           restarts=max((w.attempt for w in workers if w.node == agent.node), default=0),
                           lost=lost, pid=agent.proc.pid, stdout=output[0], stderr=output[1],
-                          timed_out=self.timed_out and agent.proc.pid in self.ended, stack=stack or None)
+                          timed_out=self.timed_out and agent.proc.pid in self.ended, stack=stack or None,
+                          reason=agent_failure(output[1]) if code > 0 else "")
 
     def _workers(self, events: list, launcher_output: str) -> list[WorkerResult]:
         by_pid: dict[int, list] = {}
@@ -723,3 +728,22 @@ def _read_error_file(path: str) -> tuple[str | None, str, str]:
     exc_type, _, text = message.partition(": ")
     exc_type = exc_type if exc_type.replace(".", "").replace("_", "").isalnum() else None
     return exc_type, (text if exc_type else message), str(info.get("py_callstack", ""))
+
+
+def agent_failure(output: str, limit: int = 100) -> str:
+    """Why a torchrun agent failed, from its own output: the last exception it raised, by
+    its class name and the first line of its message (``RendezvousTimeoutError``,
+    ``ChildFailedError: train.py FAILED``); "" when its output shows none."""
+    lines = output.splitlines()
+    start = max((i for i, line in enumerate(lines) if line.startswith(_TRACEBACK)), default=None)
+    if start is None:
+        return ""
+    at = next((i for i in range(start + 1, len(lines)) if lines[i][:1].strip()), None)
+    m = at is not None and _EXCEPTION_LINE.fullmatch(lines[at].rstrip())
+    if not m:
+        return ""
+    name, message = m.group(1), (m.group(2) or "").strip()
+    if not message and lines[at + 1:at + 2] and lines[at + 1].startswith("="):  # ChildFailedError: under a rule
+        message = next((line.strip() for line in lines[at + 2:at + 4] if any(c.isalnum() for c in line)), "")
+    text = f"{name}: {message}" if message else name
+    return text if len(text) <= limit else text[: limit - 3] + "..."
