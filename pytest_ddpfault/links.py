@@ -23,8 +23,8 @@ from typing import Any
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
 
-__all__ = ["NODE_NET", "PROXY_HOST", "LinkProxies", "LinkProxy", "NodeProxy", "StorePath", "crossing", "cut_off_nodes", "install",
-           "installed", "node_address", "node_of_address", "scopes"]
+__all__ = ["LinkProxies", "LinkProxy", "NODE_NET", "NodeProxy", "PROXY_HOST", "StorePath", "crossing",
+           "cut_off_nodes", "install", "installed", "node_address", "node_of_address", "on_plane", "scopes"]
 
 # Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
 NODE_NET = 127 << 24 | 7 << 8
@@ -63,6 +63,11 @@ def crossing(side: Iterable[int], world_size: int) -> set[tuple[int, int]]:
     """The links (a, b), a < b, between the ranks of ``side`` and every other rank."""
     inside = set(side)
     return {(min(a, b), max(a, b)) for a in inside for b in range(world_size) if b not in inside}
+
+
+def on_plane(fault: Any, plane: str) -> bool:
+    """Whether a scoped fault acts on ``plane`` ("data": gloo links, "store": store paths)."""
+    return fault.get("plane") in ("all", plane) if "plane" in fault.definition.keys else True
 
 
 def cut_off_nodes(side: Iterable[int], world_size: int, nodes: int) -> list[int]:
@@ -143,10 +148,11 @@ class LinkProxies:
         cut_off: set[int] = set()
         for fault in plan:
             side = fault.definition.scope_ranks(fault, world_size, nodes)
-            links |= crossing(side, world_size)
-            if store is not None and side:
+            if on_plane(fault, "data"):
+                links |= crossing(side, world_size)
+            if store is not None and side and on_plane(fault, "store"):
                 cut_off.update(cut_off_nodes(side, world_size, nodes))
-        if not links:
+        if not links and not cut_off:
             return None
         table = cls(api, {}, world_size, nodes)
         run = f"ddpfault_link_{os.getpid()}_{next(_names)}"
@@ -187,8 +193,8 @@ class LinkProxies:
     def of_fault(self, fault: Any) -> list:
         """The proxies of the links ``fault`` crosses, by link, then the store paths it cuts."""
         side = fault.definition.scope_ranks(fault, self.world_size, self.nodes)
-        return [self.proxies[link] for link in sorted(crossing(side, self.world_size))] + \
-            self.store_paths_of(side)
+        links = sorted(crossing(side, self.world_size)) if on_plane(fault, "data") else []
+        return [self.proxies[link] for link in links] + (self.store_paths_of(side) if on_plane(fault, "store") else [])
 
     def store_paths_of(self, side: Iterable[int]) -> list[StorePath]:
         """The store paths a cut around ``side`` crosses (the nodes it separates from node 0)."""

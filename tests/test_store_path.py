@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import pytest_ddpfault
@@ -86,3 +87,62 @@ def test_the_ddp_fixture_reports_the_network_engine(ddp):
     res = ddp.run(store_add_after_cut)
     assert res.network == "proxies"
     assert res[2].value[0][0] == "DistNetworkError"
+
+
+def all_reduce_then_store_add(pg_timeout=1.5):
+    """After ``step()`` (the fault's trigger): an all_reduce (the data plane), then a store
+    ``add`` (the control plane); what came of each."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    pytest_ddpfault.step()
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    try:
+        outcome = ("ok", store.add("count", 1))
+    except Exception as exc:  # what the store client raises is the point
+        outcome = (type(exc).__name__, str(exc)[:200])
+    return t.item(), outcome
+
+
+def init_outcome(pg_timeout=0.5):
+    try:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
+    except RuntimeError as exc:
+        return "raised", str(exc).splitlines()[0]
+    return "ok", ""
+
+
+def test_plane_store_cuts_the_control_plane_only_gloo_goes_on():
+    res = run_group(all_reduce_then_store_add, world_size=4, nodes=2, timeout=30,
+                    faults="partition(nodes=(1,), rank=2, at=step#1, mode=reject, plane=store)")
+    res.assert_all_ok()
+    assert [v[0] for v in res.values] == [4.0] * 4            # the data plane carried the all_reduce
+    assert res[2].value[1][0] == "DistNetworkError"            # after the cut: node 1's store call fails
+    assert [res[r].value[1][0] for r in (0, 1)] == ["ok", "ok"]
+    assert "node 1-store" in res.fault_events[0].detail and "0-2" not in res.fault_events[0].detail
+
+
+def test_plane_data_is_the_firewall_that_lets_master_port_through():
+    """Rendezvous through the store works, then gloo's connectFullMesh fails: the connecting
+    side (node 1: gloo lets the larger address connect) is refused at once, node 0 waits for
+    a peer that never comes until gloo's connect timeout."""
+    res = run_group(init_outcome, world_size=4, nodes=2, timeout=30,
+                    faults="partition(nodes=(1,), mode=reject, plane=data)")
+    res.assert_all_ok()
+    for rank in (2, 3):
+        assert res[rank].value[0] == "raised" and "Connection refused" in res[rank].value[1], res.report()
+    for rank in (0, 1):
+        assert res[rank].value[0] == "raised" and "connectFullMesh" in res[rank].value[1], res.report()
+    assert "store" not in res.fault_events[0].detail
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("partition(plane=store)", "plane= chooses the traffic of a scoped fault"),
+    ("partition(ranks=(2,), plane=store)", "separates no whole node from node 0"),
+])
+def test_plane_needs_a_cut_between_whole_nodes(spec, error):
+    from pytest_ddpfault.faults import FaultSpecError, parse_plan, validate_plan
+
+    with pytest.raises(FaultSpecError, match=error):
+        validate_plan(parse_plan(spec), 4, 2)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.links import cut_off_nodes
 from pytest_ddpfault.faults.base import (
     HarnessSide,
     InRank,
@@ -48,6 +49,11 @@ IN_RANK_FORMS = frozenset({"op", "step"})
 SCOPE = (Param("ranks", IndexSet("rank"), None, "act on the links between these ranks and all others"),
          Param("nodes", IndexSet("node"), None, "act on the links between these nodes' ranks and all others"))
 SCOPED_RANK = Param("rank", RANK.type, None, "the rank that counts an in-rank trigger (default: the set's lowest)")
+# Which traffic a scoped fault acts on (with virtual nodes the store lives on node 0).
+PLANE = Param("plane", Choice("all", "store", "data"), "all",
+              "with a scope: all (the gloo links and the store paths of the nodes it cuts off from node 0), "
+              "store (those store paths only: the control plane down, gloo up), data (the gloo links only: "
+              "a firewall that lets MASTER_PORT through)", Fuzz.never())
 # partition(mode=drop) holds the bytes back with a latency toxic longer than any run, and a
 # peer's close behind them with a slow_close as long (a rank that gave up must not tell the
 # other side through the cut): when they are removed, Toxiproxy (and the embedded server)
@@ -119,7 +125,7 @@ class _Network(HarnessSide, InRank):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.params = (*SCOPE, SCOPED_RANK, NET_AT, *cls.own_params(), DURATION)
+        cls.params = (*SCOPE, SCOPED_RANK, NET_AT, *cls.own_params(), DURATION, PLANE)
 
     @classmethod
     def own_params(cls) -> tuple[Param, ...]:
@@ -140,6 +146,9 @@ class _Network(HarnessSide, InRank):
                                      f"scoped fault; without ranks= or nodes= the fault acts on the store proxy, "
                                      f"which carries every rank's store traffic")
         elif "rank" in values and (at is None or at.kind not in IN_RANK_FORMS):
+            if "plane" in values:
+                raise FaultSpecError(f"{self.name}: plane= chooses the traffic of a scoped fault (ranks= or "
+                                     f"nodes=); without a scope the fault acts on the store proxy only")
             raise FaultSpecError(f"{self.name}: rank= names the rank that counts an in-rank trigger "
                                  f"(step#N, OP#N); at={at or 'init'} is the harness's")
 
@@ -154,7 +163,8 @@ class _Network(HarnessSide, InRank):
         if outside:
             raise FaultSpecError(f"{key}={items} names {key[:-1]} {outside[0]}, outside the group ({key[:-1]}s "
                                  f"0..{size - 1}) (in fault spec {str(fault)!r})")
-        if len(self.scope_ranks(fault, world_size, nodes)) == world_size:
+        side = self.scope_ranks(fault, world_size, nodes)
+        if len(side) == world_size:
             raise FaultSpecError(f"{key}={items} holds every rank: no link crosses from it to another rank; "
                                  f"leave some out (in fault spec {str(fault)!r})")
 
@@ -162,6 +172,11 @@ class _Network(HarnessSide, InRank):
         return scope_of(fault) is None
 
     def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
+        if fault.get("plane") == "store" and not cut_off_nodes(side, world_size, nodes):
+            raise FaultSpecError(f"plane=store cuts the store paths of the nodes a fault separates from node 0 "
+                                 f"(the store's host); {key}={items} separates no whole node from node 0"
+                                 f"{' (the group has one node: add nodes=N to the marker)' if nodes == 1 else ''}: "
+                                 f"scope it by nodes=(...) (in fault spec {str(fault)!r})")
         """The ranks on the faulted side of the cut (empty for the store's path)."""
         scope = scope_of(fault)
         if scope is None:

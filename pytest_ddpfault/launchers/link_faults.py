@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.links import PROXY_HOST, LinkProxies, NodeProxy
+from pytest_ddpfault.links import PROXY_HOST, LinkProxies, NodeProxy, on_plane
 from pytest_ddpfault.proxy_calls import ToxiproxyAPI
 from pytest_ddpfault.rank import env_plan
 
@@ -48,7 +48,10 @@ class _Table:
         self.links, self.agent_links = links, agent_links
 
     def node_on_side(self, fault, node: int) -> bool:
-        """Whether every worker place of ``node`` is on the faulted side of ``fault``'s cut."""
+        """Whether every worker place of ``node`` is on the faulted side of ``fault``'s cut, and
+        the fault acts on the control plane (its agent's rendezvous traffic)."""
+        if not on_plane(fault, "store"):
+            return False
         side = fault.definition.scope_ranks(fault, self.links.world_size, self.links.nodes)
         per_node = self.links.world_size // self.links.nodes
         return all(p in side for p in range(node * per_node, (node + 1) * per_node))
@@ -74,7 +77,9 @@ class LaunchedLinkFaults:
         self._seq = itertools.count()
         self.fired: list[dict] = []          # the launcher's own fault events
         self._id = next(_runs)
-        self.link_proxies = _Table(LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup), {})
+        links = LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup)
+        # plane=store only: no gloo link is crossed, the agents' rendezvous paths are
+        self.link_proxies = _Table(links or LinkProxies(api, {}, nproc * nnodes, nnodes), {})
         self.actions = [f.definition.action(f, self) for f in self.faults]
 
     @classmethod
