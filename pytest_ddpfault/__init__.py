@@ -17,7 +17,7 @@ __all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError
 __version__ = "0.1.0"
 
 def run_group(fn, *args, **kwargs) -> GroupResult:
-    """Run ``fn`` in a real process group without pytest; see ``harness.run_group``."""
+    """Run ``fn`` in a real process group without pytest; see ``parent.run.run_group``."""
     from pytest_ddpfault.parent.run import run_group as _run_group
 
     return _run_group(fn, *args, **kwargs)

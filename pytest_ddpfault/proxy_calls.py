@@ -2,7 +2,7 @@
 
 Shared by the harness (``toxiproxy/client.py``: the store proxy, the data-plane link
 proxies) and by the ranks, which point their links' proxies at the peers' real gloo
-listeners (``rank/data_plane.py``) and put an in-rank-triggered network fault in place.
+listeners (``rank/gloo_addresses.py``) and put an in-rank-triggered network fault in place.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``DDPFAULT_PLAN="kill_rank(rank=1, at=step#3); delay(rank=0, at=all_reduce#2)"`` installs the
 plan in every Python process that imports ``torch.distributed``, with no change to the
 script: torchrun's workers, ``mp.spawn`` children, plain ``python script.py`` processes.
-The faults and triggers are the ones of ``ddp.run`` (``triggers.install_plan``).
+The faults and triggers are the ones of ``ddp.run`` (``hooks.install_plan``).
 
 How it gets in: the package installs ``pytest-ddpfault.pth`` into site-packages. Its one
 line checks whether ``DDPFAULT_PLAN`` is in the environment and, only then, imports this

@@ -30,7 +30,7 @@ SERVER_START_TIMEOUT = 20.0
 
 
 class ToxiproxyAPI(CallsAPI):
-    """The Toxiproxy HTTP API (``proxy_calls.CallsAPI``), plus toxiproxy-python objects for users."""
+    """The Toxiproxy HTTP API (``proxy_calls.ToxiproxyAPI``), plus toxiproxy-python objects for users."""
 
     def client(self):
         """A toxiproxy-python ``Toxiproxy`` pointed at this server (its state is global)."""
