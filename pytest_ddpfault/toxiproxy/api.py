@@ -44,7 +44,12 @@ log = logging.getLogger("pytest_ddpfault.toxiproxy")
 #: the Toxiproxy version this server answers to ``GET /version``
 VERSION = "2.8.0"
 MAX_BODY = 16 << 20  #: larger bodies are refused ("request body too large")
-MAX_HEADER_BYTES = 64 << 10
+MAX_HEADER_BYTES = 1 << 20  #: Go's http.DefaultMaxHeaderBytes
+#: the request line and headers together (Go adds 4096 bytes of "bufio slop"); more is 431
+HEAD_LIMIT = MAX_HEADER_BYTES + 4096
+#: the longest proxy name, or proxy and toxic names together, URL-escaped: so that a
+#: request for any proxy or toxic fits in :data:`HEAD_LIMIT` with a few KiB of headers
+MAX_NAME_BYTES = MAX_HEADER_BYTES
 MAX_HEADERS = 100
 READ_TIMEOUT = 15.0  #: to read one request once it has started (Go: ReadTimeout)
 IDLE_TIMEOUT = 60.0  #: between requests on a kept-alive connection (Go: IdleTimeout)
@@ -180,7 +185,7 @@ class ApiServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         sock = listen_socket(host, port)
         try:
-            self._server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_HEADER_BYTES)
+            self._server = await asyncio.start_server(self._serve, sock=sock, limit=HEAD_LIMIT)
         except BaseException:
             sock.close()
             raise
@@ -272,11 +277,13 @@ class ApiServer:
         while True:
             line = await _readline(reader)
             size += len(line)
+            if size > HEAD_LIMIT:
+                raise _BadHTTP(431, "Request Header Fields Too Large")
             if not line.endswith(b"\n"):
                 raise asyncio.IncompleteReadError(line, None)
             if line in (b"\r\n", b"\n"):
                 break
-            if size > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            if len(headers) >= MAX_HEADERS:
                 raise _BadHTTP(431, "Request Header Fields Too Large")
             name, sep, value = line.decode("latin-1").partition(":")
             name, value = name.strip().lower(), value.strip()
@@ -346,6 +353,7 @@ class ApiServer:
         for required in ("name", "upstream"):
             if not fields[required]:
                 raise missing_field(required)
+        _check_addressable(fields["name"])
         if fields["name"] in self.proxies:
             raise proxy_already_exists()
         proxy = Proxy(fields["name"], fields["listen"], fields["upstream"], self.metrics)
@@ -377,6 +385,7 @@ class ApiServer:
             done.append(await self._add_or_replace(fields))
 
     async def _add_or_replace(self, fields: dict[str, Any]) -> Proxy:
+        _check_addressable(fields["name"])
         existing = self.proxies.get(fields["name"])
         if existing is not None:
             if existing.listen == fields["listen"] and existing.upstream == fields["upstream"]:
@@ -409,7 +418,9 @@ class ApiServer:
 
     async def toxic_create(self, params: dict[str, str], body: bytes) -> Response:
         proxy = self._proxy(params)
-        return Response.json(200, proxy.toxics.add(_json_body(body)).as_json())
+        spec = proxy.toxics.add(_json_body(body),
+                                check=lambda spec: _check_addressable(proxy.name, spec.name))
+        return Response.json(200, spec.as_json())
 
     async def toxic_show(self, params: dict[str, str], body: bytes) -> Response:
         return Response.json(200, self._proxy(params).toxics.get(params["toxic"]).as_json())
@@ -506,6 +517,18 @@ def _populate_entries(body: bytes) -> list[dict[str, Any]]:
                 raise missing_field(f"{required} at proxy {index}")
         entries.append(fields)
     return entries
+
+
+def _check_addressable(*names: str) -> None:
+    """Refuse a name no request could address: its URL-escaped path would pass Go's header
+    limit (real 2.8 creates it, then answers 431 to every request for it)."""
+    if sum(len(name) for name in names) * 12 <= MAX_NAME_BYTES:  # 4 UTF-8 bytes, each %XX
+        return
+    size = sum(len(urllib.parse.quote(name, safe="", errors="surrogatepass")) for name in names)
+    if size > MAX_NAME_BYTES:
+        what = "name" if len(names) == 1 else "proxy and toxic names together"
+        raise ApiError(f"{what} too long: {size} bytes URL-escaped, at most {MAX_NAME_BYTES} "
+                       "(a request for it must fit the 1 MiB header limit)", 400)
 
 
 def _proxies_json(proxies: list[Proxy]) -> list[dict[str, Any]] | None:

@@ -78,31 +78,36 @@ class Pipe:
 
     Like a Go channel of that buffer size: a producer that has put a chunk into a full
     pipe (more than ``capacity`` units queued; 0 means every chunk is a hand-over) waits
-    until the consumer has taken enough for it to be no longer full.
+    until the consumer has taken enough for it to be no longer full. Tiny chunks (a
+    slicer's) are let through up to one :data:`CHUNK` of bytes before the pipe counts as
+    full, so that they need not be handed over one by one.
     """
 
-    __slots__ = ("items", "units", "capacity", "_getter", "_space")
+    __slots__ = ("items", "units", "nbytes", "capacity", "_getter", "_space")
 
     def __init__(self, capacity: int = 0) -> None:
         self.items: collections.deque[Chunk] = collections.deque()
         self.units = 0
+        self.nbytes = 0
         self.capacity = capacity
         self._getter: asyncio.Future | None = None
         self._space: list[Callable[[], None]] = []
 
     @property
     def full(self) -> bool:
-        return self.units > self.capacity
+        return self.units > self.capacity and self.nbytes >= CHUNK
 
     def put(self, chunk: Chunk) -> None:
         self.items.append(chunk)
         self.units += chunk.units
+        self.nbytes += len(chunk)
         self.kick()
 
     def pop(self) -> Chunk:
         chunk = self.items.popleft()
         self.units -= chunk.units
-        if self._space and self.units <= self.capacity:
+        self.nbytes -= len(chunk)
+        if self._space and not self.full:
             self.release()
         return chunk
 

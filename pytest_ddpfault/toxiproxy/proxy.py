@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ApiError, toxic_not_found
 from .link import Link
@@ -353,8 +353,11 @@ class ToxicCollection:
                 return spec
         raise toxic_not_found()
 
-    def add(self, body: Any) -> ToxicSpec:
+    def add(self, body: Any, check: Callable[[ToxicSpec], None] | None = None) -> ToxicSpec:
+        """Add the toxic of a create body; ``check`` may refuse it (raises) before that."""
         spec = ToxicSpec.from_body(body, {spec.name for spec in self.all()})
+        if check is not None:
+            check(spec)
         self._chains[spec.direction].append(spec)
         for link in self.proxy.links(spec.direction):
             link.add(spec)

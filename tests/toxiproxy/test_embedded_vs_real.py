@@ -240,7 +240,59 @@ def test_100_continue_when_a_body_is_to_come(server):
     assert answer.startswith(b"HTTP/1.1 204 ")
 
 
-# --- what ours does better: toxics that crash real 2.8.0 -------------------------------------
+# --- Go's header limit: 1 MiB, plus 4096 bytes of bufio slop ---------------------------------
+
+
+def test_a_head_within_gos_limit_is_served_and_beyond_it_is_431(server):
+    def get_with_header(size: int) -> int:
+        head = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        filler = b"X-Big: " + b"a" * (size - len(head) - len(b"X-Big: \r\n\r\n")) + b"\r\n\r\n"
+        assert len(head + filler) == size
+        return _head(_raw(server, head + filler))[0]
+
+    limit = (1 << 20) + 4096
+    assert get_with_header(limit) == 200
+    assert get_with_header(limit + 1) == 431
+
+
+def test_a_1_mb_proxy_name_is_served_like_go(api, echo_upstream):
+    name = "p" * 1_000_000
+    answer = api.post("/proxies", json={"name": name, "upstream": echo_upstream.address,
+                                        "listen": "127.0.0.1:0"})
+    assert answer.status_code == 201, answer.text[:200]
+    assert api.get(f"/proxies/{name}").json()["name"] == name
+    assert api.post(f"/proxies/{name}/toxics", json={"type": "latency"}).status_code == 200
+    assert api.get(f"/proxies/{name}/toxics/latency_downstream").status_code == 200
+    assert api.delete(f"/proxies/{name}").status_code == 204
+    assert api.get("/proxies").json() == {}
+
+
+# --- what ours does better: names no request could address, toxics that crash real 2.8.0 ----
+
+
+def test_a_name_no_request_could_address_is_refused(api, echo_upstream):
+    """Real 2.8 creates a proxy whose name's URL passes the header limit, then answers 431
+    to every request for it; ours refuses to create it (400), saying why."""
+    fields = {"upstream": echo_upstream.address, "listen": "127.0.0.1:0"}
+    answer = api.post("/proxies", json={"name": "p" * ((1 << 20) + 1), **fields})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == ("name too long: 1048577 bytes URL-escaped, at most 1048576 "
+                                      "(a request for it must fit the 1 MiB header limit)")
+    # URL-escaped: "é" is 6 bytes (%C3%A9), so 200 000 of them are too long
+    assert api.post("/proxies", json={"name": "\u00e9" * 200_000, **fields}).status_code == 400
+    populate = api.post("/populate", json=[{"name": "q" * (2 << 20), **fields}])
+    assert populate.status_code == 400 and populate.json()["proxies"] is None
+    assert api.get("/proxies").json() == {}, "nothing was created"
+
+    proxy = "p" * 600_000
+    assert api.post("/proxies", json={"name": proxy, **fields}).status_code == 201
+    toxic = api.post(f"/proxies/{proxy}/toxics", json={"type": "latency", "name": "t" * 600_000})
+    assert toxic.status_code == 400
+    assert toxic.json()["error"].startswith("proxy and toxic names together too long: 1200000 bytes")
+    assert api.get(f"/proxies/{proxy}/toxics").json() == []
+    _assert_alive(api)
+
+
 
 
 def test_latency_with_jitter_2_pow_62_keeps_serving(api, echo_proxy, connect, tp):
