@@ -130,6 +130,12 @@ class FaultKind:
         """True when the fault fires on every counted call from its trigger on."""
         return False
 
+    def acts_for(self, fault: PlannedFault, trigger: str) -> float | None:
+        """How long what it did at a fired event (``trigger``: the event's) goes on, in seconds,
+        for the pictures of a run: 0.0 for a moment (a kill, a crash, the event that lifts a
+        fault), None for the rest of the run (a freeze never resumed, a partition never healed)."""
+        return 0.0
+
     def orphans_workers(self, fault: PlannedFault) -> bool:
         """True when the fault kills a torchrun agent and leaves its workers running (they
         must not die with it, as the launched run's processes otherwise do)."""

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from pytest_ddpfault.faults.spec import Fault
 
 
+def release_trigger(fault: Fault) -> str:
+    """The trigger of the event that records the port's release ``hold_for`` after the start."""
+    return f"t={fault.get('hold_for')}"
+
+
 class HeldPort(RunAction):
     sock: socket.socket | None = None
 
@@ -36,7 +41,7 @@ class HeldPort(RunAction):
     def release(self) -> None:
         if self.sock is not None:
             self.cleanup()
-            self.fire(detail="released the port", trigger=f"t={self.fault.get('hold_for')}")
+            self.fire(detail="released the port", trigger=release_trigger(self.fault))
 
     def cleanup(self) -> None:
         if self.sock is not None:
@@ -54,6 +59,9 @@ class PortCollision(HarnessSide):
               Param("hold_for", POSITIVE_SECONDS, None, "seconds from the ranks' start to release", SHORT))
     refused = {"rank": "the port is the whole group's",
                "at": "the port is held from before the ranks start (use hold_for=S to release it)"}
+
+    def acts_for(self, fault: Fault, trigger: str) -> float | None:
+        return 0.0 if trigger == release_trigger(fault) else fault.get("hold_for")
 
     def action(self, fault: Fault, run: RunControl) -> RunAction:
         return HeldPort(fault, run)
@@ -73,6 +81,9 @@ class StoreDown(HarnessSide):
     name = "store_down"
     doc = "the harness kills its store host at the trigger: the kernel closes every connection"
     params = (at_param("t=1.0", "time"),)
+
+    def acts_for(self, fault: Fault, trigger: str) -> None:
+        return None  # the store stays down
 
     def action(self, fault: Fault, run: RunControl) -> RunAction:
         return StopStore(fault, run)

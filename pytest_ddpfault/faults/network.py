@@ -76,6 +76,11 @@ def in_rank_trigger(fault: Fault) -> bool:
     return at is not None and at.kind in IN_RANK_FORMS
 
 
+def removal_trigger(fault: Fault) -> str:
+    """The trigger of the event that records the fault's removal ``duration`` after it came."""
+    return f"duration={fault.get('duration')}"
+
+
 class OnProxies(RunAction):
     """Applied at ``init`` or ``t=S`` by the harness, or in the counting rank (which tells the
     harness); removed ``duration`` seconds after it came, by the harness."""
@@ -114,7 +119,7 @@ class OnProxies(RunAction):
     def _remove(self) -> None:
         for proxy in self.proxies():
             self.fault.definition.remove(self.fault, proxy)
-        self.fire(detail="removed", trigger=f"duration={self.fault.get('duration')}")
+        self.fire(detail="removed", trigger=removal_trigger(self.fault))
 
 
 class _Network(HarnessSide, InRank):
@@ -170,6 +175,11 @@ class _Network(HarnessSide, InRank):
 
     def proxies_store(self, fault: Fault) -> bool:
         return scope_of(fault) is None
+
+    def acts_for(self, fault: Fault, trigger: str) -> float | None:
+        if fault.get("duration") and trigger == removal_trigger(fault):
+            return 0.0  # the event of its removal
+        return fault.get("duration")
 
     def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
         if fault.get("plane") == "store" and not cut_off_nodes(side, world_size, nodes):

@@ -151,6 +151,9 @@ class HangRank(_Targeting):
         # sent before the SIGSTOP: the harness learns the rank is frozen, and when to resume it
         return {"freezes": True, "resume_after": fault.get("resume_after")}
 
+    def acts_for(self, fault: Fault, trigger: str) -> float | None:
+        return fault.get("resume_after")
+
     def fire_in_rank(self, fault: Fault) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
@@ -166,6 +169,9 @@ class Delay(InRank):
 
     def repeats(self, fault: Fault) -> bool:
         return fault.get("every")
+
+    def acts_for(self, fault: Fault, trigger: str) -> float:
+        return fault.get("seconds")
 
     def fire_in_rank(self, fault: Fault) -> None:
         time.sleep(fault.get("seconds"))

@@ -85,5 +85,8 @@ class SlowIo(OnSave):
     params = (SAVER_RANK, at_param("save#1", "save", "load"),
               Param("seconds", Number(float, unit="seconds"), 1.0, "extra seconds the call takes", SHORT))
 
+    def acts_for(self, fault: Fault, trigger: str) -> float:
+        return fault.get("seconds")
+
     def act_on_call(self, fault: Fault, call: StorageCall) -> None:
         time.sleep(fault.get("seconds"))  # the slow disk itself: not a synchronisation
