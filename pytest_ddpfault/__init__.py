@@ -11,9 +11,11 @@ from pytest_ddpfault.errors import (
 from pytest_ddpfault.faults import Fault
 from pytest_ddpfault.rank.steps import step
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult
+from pytest_ddpfault.sweep import SweepError, SweepResult, SweepRun
 
 __all__ = ["Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "HarnessWarning", "RankResult",
-           "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
+           "SettingsError", "SweepError", "SweepResult", "SweepRun", "TorchrunError", "UnfiredFaultWarning",
+           "run_group", "step", "sweep_group"]
 __version__ = "0.1.0"
 
 def run_group(fn, *args, **kwargs) -> GroupResult:
@@ -21,3 +23,10 @@ def run_group(fn, *args, **kwargs) -> GroupResult:
     from pytest_ddpfault.parent.run import run_group as _run_group
 
     return _run_group(fn, *args, **kwargs)
+
+
+def sweep_group(fn, *args, **kwargs) -> SweepResult:
+    """One fault at every point a fault-free run reached, without pytest; see ``sweep.sweep_group``."""
+    from pytest_ddpfault.sweep import sweep_group as _sweep_group
+
+    return _sweep_group(fn, *args, **kwargs)

@@ -101,3 +101,32 @@ class DDP:
         plan = _faults.format_plan(self.faults) or "no fault"
         nodes = f" nodes={self.nodes}" if self.nodes > 1 else ""
         return f"<ddp world_size={self.world_size}{nodes} {plan} timeout={self.timeout:g}s>"
+
+    # -- sweeps (pytest_ddpfault/sweep.py) ---------------------------------------------
+    max_procs: int | None = None    # the cap on rank processes at once (--ddp-max-procs); sweeps fit in it
+
+    @property
+    def sweeps(self) -> list:
+        """The ``SweepResult`` of each ``ddp.sweep`` of this test, in order (a failing test's report shows them)."""
+        return self.__dict__.setdefault("_sweeps", [])
+
+    def sweep(self, fn: Callable, *args, kinds=_UNSET, ranks=_UNSET, nodes=_UNSET, ops=_UNSET, compare=_UNSET,
+              max_runs=_UNSET, timeout=_UNSET, init=_UNSET, **kwargs):
+        """One fault at every point a fault-free run reached, each run judged against it.
+
+        A reference run without fault (it must be all ok) gives the points: each rank's
+        ``OP#N``, ``step#N``, ``save#N``, ``load#N`` (``ops``: the op names to keep). Then one
+        run per kind (``kinds``: names or partial specs without rank/node/at, e.g.
+        ``"delay(seconds=0.05)"``) x target (``ranks``, default all; ``nodes`` for node kinds
+        and scoped network kinds) x point, side by side within ``--ddp-max-procs``, each with
+        ``timeout`` (default the marker's). Outcomes, judged on the ranks the fault did not
+        target: ``wrong`` (a value differs from the reference's by ``compare(ref, got)``,
+        default exact equality), ``hung``, ``failed``, ``recovered``. ``max_runs``: an even
+        spread of the points. Returns a ``SweepResult``; a fault that never fired raises
+        ``SweepError``. See ``pytest_ddpfault.sweep``.
+        """
+        from pytest_ddpfault.sweep import ddp_sweep
+
+        given = {k: v for k, v in dict(kinds=kinds, ranks=ranks, nodes=nodes, ops=ops, compare=compare,
+                                       max_runs=max_runs, timeout=timeout, init=init).items() if v is not _UNSET}
+        return ddp_sweep(self, fn, args, kwargs, given)

@@ -298,6 +298,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         directory = item.config.getoption("ddp_timeline") or item.config.getini("ddp_timeline")
         if directory and (report.failed or item.config.getoption("ddp_timeline_all")):
             report.sections.append(("ddp timeline", _write_timelines(directory, item.nodeid, results)))
+    if call.when == "call":
+        _report_sweeps(item, call, report)
 
 
 def _write_timelines(directory: str, nodeid: str, results: list) -> str:
@@ -314,3 +316,27 @@ def _write_timelines(directory: str, nodeid: str, results: list) -> str:
         lines.append(f"timeline: {os.path.abspath(page)}\ntrace (ui.perfetto.dev, chrome://tracing): "
                      f"{os.path.abspath(trace)}")
     return "\n".join(lines)
+
+
+def _report_sweeps(item: pytest.Item, call: pytest.CallInfo, report) -> None:
+    """A failing test's sweeps (``ddp.sweep``): each one's matrix; with ``--ddp-timeline DIR``
+    each one's HTML page too (every test's with ``--ddp-timeline-all``)."""
+    runner = getattr(item, "funcargs", {}).get("ddp")
+    sweeps = getattr(runner, "sweeps", None)
+    if not sweeps:
+        return
+    if report.failed:
+        shown = str(report.longrepr) + (str(call.excinfo.value) if call.excinfo is not None else "")
+        for i, sweep in enumerate(sweeps):
+            if sweep.table() not in shown:  # assert_never/assert_all already show it
+                report.sections.append(("ddp sweep" if len(sweeps) == 1 else f"ddp sweep {i + 1} of {len(sweeps)}",
+                                        sweep.table()))
+    directory = item.config.getoption("ddp_timeline") or item.config.getini("ddp_timeline")
+    if directory and (report.failed or item.config.getoption("ddp_timeline_all")):
+        import re
+
+        os.makedirs(directory, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[-150:]
+        pages = [sweep.html(os.path.join(directory, f"{stem}-sweep{'' if len(sweeps) == 1 else i + 1}.html"))
+                 for i, sweep in enumerate(sweeps)]
+        report.sections.append(("ddp sweep timeline", "\n".join(f"sweep: {os.path.abspath(p)}" for p in pages)))

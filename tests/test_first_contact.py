@@ -173,6 +173,7 @@ def test_ddp_run_warns_when_a_fault_never_fired(ddp):
 def test_the_package_exports_a_fixed_public_api():
     assert sorted(pytest_ddpfault.__all__) == [
         "Fault", "FaultEvent", "FaultSpecError", "GroupResult", "HarnessError", "HarnessWarning", "RankResult",
-        "SettingsError", "TorchrunError", "UnfiredFaultWarning", "run_group", "step"]
+        "SettingsError", "SweepError", "SweepResult", "SweepRun", "TorchrunError", "UnfiredFaultWarning",
+        "run_group", "step", "sweep_group"]
     for name in pytest_ddpfault.__all__:
         assert getattr(pytest_ddpfault, name) is not None

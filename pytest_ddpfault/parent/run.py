@@ -140,8 +140,7 @@ class GroupRun:
             self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
             self.actions = [f.definition.action(f, self) for f in self.plan if f.definition.harness_side]
-            self.launcher = get_launcher(self.config.start_method, tuple(self.config.preload),
-                                         self.setup.within(ZYGOTE_START_BUDGET))
+            self.launcher = self._launcher()
             setup = self.setup.within(STORE_START_BUDGET)
             for action in self.actions:
                 action.before_ranks(setup)
@@ -159,6 +158,11 @@ class GroupRun:
             return self._collect()
         finally:
             self._cleanup()
+
+    def _launcher(self):
+        """What starts this run's processes (a sweep gives each of its concurrent runs its own
+        view of the shared zygote: see parent/multiplex.py)."""
+        return get_launcher(self.config.start_method, tuple(self.config.preload), self.setup.within(ZYGOTE_START_BUDGET))
 
     # -- timers (harness-side faults) --------------------------------------------
     def at(self, seconds_from_start: float, callback: Callable[[], None]) -> None:
