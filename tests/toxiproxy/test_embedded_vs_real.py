@@ -3,7 +3,8 @@
 Each test here would have caught one of the differences found against the real server:
 lone surrogates in names, the request id header, the port-conflict wording, HTTP edge
 cases (conflicting Content-Length, incomplete or cut-off requests, unclean paths, ``100
-Continue``). The last tests pin toxics that crash real 2.8.0 (exit 2) and that ours serves.
+Continue``), Go's 1 MiB header limit. The last tests pin what real 2.8.0 gets wrong and
+ours does not: names no request could address, toxics that crash it (exit 2).
 """
 
 from __future__ import annotations
