@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ddpfault.frames import PACKAGE_DIR
 from pytest_ddpfault.rank.env_plan import EnvPlanError
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.torchrun import TorchrunError, run_script, run_torchrun
@@ -196,6 +197,8 @@ def test_the_deadline_leaves_a_frozen_rank_frozen(tmp_path):
     assert "all_reduce" in frozen.stack and "stacks as it froze itself" in frozen.stack
     assert "all_reduce" in res.final[0].stack           # SIGUSR1 at the deadline
     assert "still running at the harness deadline" in res.final[0].note
+    for stack in (frozen.stack, res.final[0].stack):  # without the hook's and trigger wrappers' frames
+        assert "collectives.py" in stack and PACKAGE_DIR not in stack, stack
     assert_nothing_left(res)
 
 

@@ -103,6 +103,7 @@ def test_a_lost_node_and_the_other_finishes_alone_from_its_checkpoint(ddp, tmp_p
     assert (res.node(1).signal, res.node(1).restarts) == (signal.SIGKILL, 0)
     assert (res.node(0).exit_code, res.node(0).restarts) == (0, 1)
     assert [(w.node, w.rank, w.status) for w in res.attempt(0)] == [(0, 0, "raised"), (1, 1, "killed")]
+    assert res.attempt(0)[1].detail() == f"died of SIGKILL: by the plan: {LOSE_NODE_1}"  # as kill_rank's say
     assert [(w.node, w.rank, w.status) for w in res.final] == [(0, 0, "ok")]   # alone: world size 1
     out = weights(tmp_path)
     assert (out["attempt"], out["resumed_from"]) == (1, 2)

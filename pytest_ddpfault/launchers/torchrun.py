@@ -49,6 +49,7 @@ from pytest_ddpfault import ipc
 from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.faults import FaultSpecError
+from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.launchers.link_faults import LaunchedLinkFaults
 from pytest_ddpfault.links import scopes
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
@@ -507,7 +508,8 @@ class _LaunchRun:
         if multi:
             res.nodes = [self._node_result(a, outputs[id(a)], res.workers) for a in self.agents]
         if self.timed_out:
-            stacks = [(a, read_tail(env_plan.stack_path(self.events_path, a.proc.pid))) for a in self.agents]
+            stacks = [(a, hide_in_stack(read_tail(env_plan.stack_path(self.events_path, a.proc.pid))))
+                      for a in self.agents]
             res.launcher_stack = "\n".join((f"--- node {a.node} agent:\n{text}" if multi else text)
                                            for a, text in stacks if text) or None
         return res
@@ -530,7 +532,8 @@ class _LaunchRun:
         lost = None
         if agent.lost is not None:
             lost = f"{agent.lost.get('spec')} at {agent.lost.get('trigger')} in attempt {agent.lost.get('attempt', 0)}"
-        stack = read_tail(env_plan.stack_path(self.events_path, agent.proc.pid)) if self.timed_out else ""
+        stack = (hide_in_stack(read_tail(env_plan.stack_path(self.events_path, agent.proc.pid)))
+                 if self.timed_out else "")
         return NodeResult(node=agent.node, address=node_address(agent.node),
                           exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
                           restarts=max((w.attempt for w in workers if w.node == agent.node), default=0),
@@ -597,14 +600,14 @@ class _LaunchRun:
                 w.note, end = f"{froze} until the harness deadline", self.ended_at
             else:
                 w.note, end = f"{froze} until it was killed", gone
-            w.stack = read_tail(stack_file) or None
+            w.stack = hide_in_stack(read_tail(stack_file)) or None
         elif self.timed_out and not finished:  # in the tree at the deadline, or orphaned
             w.status, w.exit_code, w.signal, end = "hung", None, None, self.ended_at
             w.note = "still running at the harness deadline"
             if seen_end is not None:
                 w.note += (f" (it ended {seen_end - self.ended_at:.2f}s later, while the run was being "
                            "stopped)")
-            w.stack = read_tail(stack_file) or None
+            w.stack = hide_in_stack(read_tail(stack_file)) or None
         elif exc is not None:
             w.status, w.exc_type, w.exc_mro = "raised", exc.get("exc_type"), tuple(exc.get("exc_mro", ()))
             w.message, w.traceback, end = exc.get("message"), exc.get("traceback"), exc.get("time")
@@ -620,11 +623,12 @@ class _LaunchRun:
             elif killer is not None and code < 0:
                 w.note = f"by the plan: {killer.get('spec')}"
             end = gone
-        elif killer is not None and exited is None:
+        elif killer is not None and exited is None:  # no launcher report: its agent went with it (kill_node)
             w.status, w.signal, end = "killed", killer["kills_with"], killer.get("time")
+            w.note = f"by the plan: {killer.get('spec')}"
         elif lost is not None and exited is None and attempt == lost.get("attempt", 0):
             w.status, w.signal = "killed", int(lost["signals_node"])
-            w.note, end = f"its node was lost: {lost.get('spec')} (the plan)", gone
+            w.note, end = f"by the plan: {lost.get('spec')} (its node was lost)", gone
         elif stopped_by is not None and exited is None:
             w.status, w.signal = "killed", int(getattr(signal, stopped_by, signal.SIGTERM))
             w.note, end = AGENT_STOPPED, gone

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -291,6 +292,7 @@ class _Activation:
         self.installed = False
         self.firer = None                 # the installed plan's FaultFirer
         self._stack_file = None
+        self.ppid = os.getppid()          # the process that started it (its launcher)
         die = env.get(ENV_DIE_WITH_PARENT)
         # AGENTS_ONLY: a torchrun agent has no RANK (the launcher takes it out), its workers do.
         self._die_with_parent = die == "1" or (die == AGENTS_ONLY and self.env_rank is None)
@@ -426,6 +428,19 @@ class _Activation:
         except (OSError, ValueError):
             pass
 
+    def die_with_parent_while_frozen(self) -> None:
+        """Before this process stops itself (``hang_rank``): SIGKILL it when its parent dies,
+        whatever ends the parent. A stopped process acts on no other signal (the SIGTERM of a
+        launcher stopping its workers, or of ``PR_SET_PDEATHSIG`` left at its default), so a
+        launcher killed hard (``timeout -k``, SIGKILL) would leave it stopped forever, an
+        orphan. Its parent already gone, freezing would leave it so at once: it is killed.
+        Not where workers are to outlive their agent (``AGENTS_ONLY``): ddp.torchrun ends them."""
+        if self.env.get(ENV_DIE_WITH_PARENT) == AGENTS_ONLY:
+            return
+        set_parent_death_signal()
+        if os.getppid() != self.ppid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _install_on_init(self) -> None:
         """No rank yet: install inside the first ``init_process_group`` call."""
         import inspect
@@ -452,16 +467,20 @@ class _Activation:
 
 class _FreezeAware:
     """The event sink given to the plan: before a fault that freezes the process
-    (``hang_rank``) is announced, the process's stacks go into its stack file."""
+    (``hang_rank``) is announced, the process's stacks go into its stack file; once it
+    is, the process is made to die with its parent even while stopped."""
 
     def __init__(self, state: _Activation) -> None:
         self.state = state
 
     def send(self, type_: str, **payload) -> None:
-        if type_ == "fault" and payload.get("freezes"):
+        freezes = type_ == "fault" and payload.get("freezes")
+        if freezes:
             self.state.dump_stacks(f"frozen by {payload.get('spec')} at {payload.get('trigger')} "
                                    "(stacks as it froze itself):")
         self.state.events.send(type_, **payload)
+        if freezes:
+            self.state.die_with_parent_while_frozen()
 
 
 def _watch_children(state: _Activation) -> None:
