@@ -277,8 +277,6 @@ class RankResult:
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             if text.strip():
                 out.append(f"{name} (last {_TAIL_LINES} lines):\n{_tail(text)}")
-    network: str = "proxies"      # the network engine of the run: what a scoped network fault could cut
-    network_note: str = ""        # what it covered, when a scoped network fault was in the plan
         return "\n".join(out)
 
 
@@ -290,6 +288,8 @@ class GroupResult:
     duration: float = 0.0
     plan: str = ""
     unfired: list[UnfiredFault] = field(default_factory=list)  # faults whose trigger never came
+    network: str = "proxies"      # the network engine of the run: what a scoped network fault could cut
+    network_note: str = ""        # what it covered, when a scoped network fault was in the plan
 
     # -- access ---------------------------------------------------------------
     def __getitem__(self, rank: int) -> RankResult:
