@@ -7,7 +7,7 @@ from typing import Callable
 
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.errors import UnfiredFaultWarning
+from pytest_ddpfault.errors import SettingsError, UnfiredFaultWarning
 from pytest_ddpfault.results import GroupResult
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_nodes, check_timeout, check_world_size
 
@@ -77,11 +77,11 @@ class DDP:
         check_nnodes(nnodes, min_nodes)
         if nproc is None:
             if self.world_size % nnodes:
-                raise ValueError(f"nnodes={nnodes} does not divide world_size={self.world_size}: give nproc "
+                raise SettingsError(f"nnodes={nnodes} does not divide world_size={self.world_size}: give nproc "
                                  f"(workers per node) or a world_size that nnodes divides")
             nproc = self.world_size // nnodes
         elif nnodes > 1 and nproc * nnodes != self.world_size:
-            raise ValueError(f"nproc={nproc} workers on each of nnodes={nnodes} nodes make {nproc * nnodes} "
+            raise SettingsError(f"nproc={nproc} workers on each of nnodes={nnodes} nodes make {nproc * nnodes} "
                              f"workers, not world_size={self.world_size}: leave nproc out (world_size // nnodes)")
         with self._slots(nnodes * (nproc + 1), Deadline.after(SETUP_BUDGET)):  # the workers and the agents
             result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,

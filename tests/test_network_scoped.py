@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 import pytest_ddpfault
-from pytest_ddpfault import Fault, run_group
+from pytest_ddpfault import Fault, SettingsError, run_group
 from pytest_ddpfault.faults import validate_plan
 from pytest_ddpfault.links import crossing
 from pytest_ddpfault.rank.gloo_addresses import parse_published
+from pytest_ddpfault.settings import SessionSettings, marker_settings
 from pytest_ddpfault.toxiproxy.client import default_server
 
 
@@ -64,6 +65,23 @@ def test_scoped_specs_round_trip(spec):
     f = Fault.parse(spec)
     assert Fault.parse(str(f)) == f
     validate_plan([f], 4, nodes=2)
+
+
+@pytest.mark.parametrize("world_size, nodes, fault, fix", [
+    (4, 1, "partition(nodes=(1,))", "add nodes=2 to the marker (@pytest.mark.ddp(world_size=4, nodes=2): 2 nodes of "
+                                    "2 ranks; ddp.torchrun(..., nnodes=2)), or name ranks instead, ranks=(...)"),
+    (6, 1, "latency(nodes=(2,), latency=5)", "add nodes=3 to the marker (@pytest.mark.ddp(world_size=6, nodes=3)"),
+    (6, 3, "partition(nodes=(3,))", "add nodes=6 to the marker (@pytest.mark.ddp(world_size=6, nodes=6): 6 nodes "
+                                    "of 1 rank;"),     # the fewest nodes that hold node 3 and divide 6
+    (2, 1, "partition(nodes=(2,))", "world_size=2 makes at most 2 nodes: name ranks instead, ranks=(...)"),
+    (4, 1, "kill_node(node=1)", "add nodes=2 to the marker (@pytest.mark.ddp(world_size=4, nodes=2): 2 nodes of "
+                                "2 ranks; ddp.torchrun(..., nnodes=2)), or name ranks instead, kill_rank(rank=N)"),
+])
+def test_a_node_the_marker_does_not_make_says_how_many_nodes_to_add(world_size, nodes, fault, fix):
+    with pytest.raises(SettingsError) as info:
+        marker_settings((world_size,), {"nodes": nodes, "fault": fault}, SessionSettings())
+    assert f"outside the group (nodes{'=' if 'kill_node' in fault else ' 0..'}" in str(info.value)
+    assert fix in str(info.value), str(info.value)
 
 
 def test_the_counting_rank_is_the_sets_lowest_unless_named():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault import run_group
+from pytest_ddpfault import SettingsError, run_group
 from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
@@ -159,15 +159,15 @@ def test_an_agent_lost_alone_goes_unnoticed_until_the_exit_barrier(ddp, tmp_path
     ({"nnodes": 2, "rdzv_conf": 3}, "rdzv_conf must be a dict or"),
 ])
 def test_bad_node_arguments_fail_before_anything_starts(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SettingsError, match=match):  # the documented class of a bad argument
         run_torchrun(TRAIN, nproc=1, timeout=5, **kwargs)
 
 
 @pytest.mark.ddp(world_size=4)
 def test_ddp_torchrun_checks_nproc_against_the_world_size(ddp):
-    with pytest.raises(ValueError, match="nnodes=3 does not divide world_size=4"):
+    with pytest.raises(SettingsError, match="nnodes=3 does not divide world_size=4"):
         ddp.torchrun(TRAIN, nnodes=3)
-    with pytest.raises(ValueError, match="make 6 workers, not world_size=4"):
+    with pytest.raises(SettingsError, match="make 6 workers, not world_size=4"):
         ddp.torchrun(TRAIN, nnodes=2, nproc=3)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults._words import more_nodes
 from pytest_ddpfault.links import cut_off_nodes
 from pytest_ddpfault.faults.base import (
     HarnessSide,
@@ -166,8 +167,9 @@ class _Network(HarnessSide, InRank):
         size = world_size if key == "ranks" else nodes
         outside = [i for i in items if i >= size]
         if outside:
+            fix = f": {more_nodes(max(items), world_size, 'ranks=(...)')}" if key == "nodes" else ""
             raise FaultSpecError(f"{key}={items} names {key[:-1]} {outside[0]}, outside the group ({key[:-1]}s "
-                                 f"0..{size - 1}) (in fault spec {str(fault)!r})")
+                                 f"0..{size - 1}){fix} (in fault spec {str(fault)!r})")
         side = self.scope_ranks(fault, world_size, nodes)
         if len(side) == world_size:
             raise FaultSpecError(f"{key}={items} holds every rank: no link crosses from it to another rank; "

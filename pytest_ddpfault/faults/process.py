@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pytest_ddpfault.errors import FaultSpecError
+from pytest_ddpfault.faults._words import more_nodes
 from pytest_ddpfault.faults.base import InRank, register
 from pytest_ddpfault.faults.params import (
     BOOL, POSITIVE_SECONDS, RANK, SECONDS, SHORT, ExceptionName, Fuzz, Number, Param, SignalName, Text, at_param,
@@ -73,8 +74,8 @@ class KillNode(_Targeting):
     def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
         node = fault.get("node")
         if node is not None and node >= nodes:
-            raise FaultSpecError(f"node {node} is outside the group (nodes={nodes}): allowed 0..{nodes - 1} "
-                                 f"(in fault spec {str(fault)!r})")
+            raise FaultSpecError(f"node {node} is outside the group (nodes={nodes}): allowed 0..{nodes - 1}; "
+                                 f"{more_nodes(node, world_size, 'kill_rank(rank=N)')} (in fault spec {str(fault)!r})")
 
     def acting_rank(self, fault: Fault, world_size: int, nodes: int) -> int:
         return self._node(fault, nodes) * (world_size // nodes)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from pytest_ddpfault.deadline import Deadline
+from pytest_ddpfault.errors import SettingsError
 from pytest_ddpfault.parent.reaping import kill_with_group
 
 # rdzv_conf keys torch's c10d/dynamic rendezvous reads (dynamic_rendezvous.create_handler and
@@ -26,7 +27,7 @@ _BACKLOG = 128
 
 def parse_rdzv_conf(conf) -> dict[str, int]:
     """``rdzv_conf`` as a dict or ``"k=v,k=v"``; each key one of ``RDZV_INT_KEYS`` with a
-    whole number >= 1. Raises ValueError naming what is wrong and what is allowed."""
+    whole number >= 1. Raises SettingsError naming what is wrong and what is allowed."""
     if conf is None:
         return {}
     if isinstance(conf, str):
@@ -36,24 +37,24 @@ def parse_rdzv_conf(conf) -> dict[str, int]:
                 continue
             key, eq, value = piece.partition("=")
             if not eq:
-                raise ValueError(f"rdzv_conf {conf!r}: {piece!r} is not key=value (e.g. 'last_call_timeout=1')")
+                raise SettingsError(f"rdzv_conf {conf!r}: {piece!r} is not key=value (e.g. 'last_call_timeout=1')")
             items.append((key.strip(), value.strip()))
     elif isinstance(conf, dict):
         items = list(conf.items())
     else:
-        raise ValueError(f"rdzv_conf must be a dict or a 'key=value,...' string, got {type(conf).__name__} {conf!r}")
+        raise SettingsError(f"rdzv_conf must be a dict or a 'key=value,...' string, got {type(conf).__name__} {conf!r}")
     out = {}
     allowed = ", ".join(RDZV_INT_KEYS)
     for key, value in items:
         if key in _HARNESS_KEYS:
-            raise ValueError(f"rdzv_conf {key!r} cannot be set: {_HARNESS_KEYS[key]}; allowed: {allowed}")
+            raise SettingsError(f"rdzv_conf {key!r} cannot be set: {_HARNESS_KEYS[key]}; allowed: {allowed}")
         if key not in RDZV_INT_KEYS:
-            raise ValueError(f"rdzv_conf has an unknown key {key!r}; allowed: {allowed}")
+            raise SettingsError(f"rdzv_conf has an unknown key {key!r}; allowed: {allowed}")
         number = value if isinstance(value, int) and not isinstance(value, bool) else None
         if isinstance(value, str) and value.isdecimal():
             number = int(value)
         if number is None or number < 1:
-            raise ValueError(f"rdzv_conf {key}={value!r}: must be a whole number >= 1 (seconds, or a count)")
+            raise SettingsError(f"rdzv_conf {key}={value!r}: must be a whole number >= 1 (seconds, or a count)")
         out[key] = number
     return out
 

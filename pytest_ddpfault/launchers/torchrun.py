@@ -55,7 +55,7 @@ from pytest_ddpfault.links import scopes
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
 from pytest_ddpfault.procfs import state as process_state
-from pytest_ddpfault.errors import HarnessWarning, TorchrunError
+from pytest_ddpfault.errors import HarnessWarning, SettingsError, TorchrunError
 from pytest_ddpfault.parent.reaping import (
     CLEANUP_BUDGET, STACK_DUMP_BUDGET, kill_and_wait, kill_with_group, read_tail, short_tmp, signal_group, signal_pid,
     wait_for_stacks,
@@ -106,9 +106,9 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
     with ``nnodes > 1``, under one agent per virtual node (``nproc`` workers each).
     ``toxiproxy``: where scoped network faults find Toxiproxy (as ``run_group``'s)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be a whole number >= 1, got {nproc!r}")
+        raise SettingsError(f"nproc must be a whole number >= 1, got {nproc!r}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        raise ValueError(f"max_restarts must be a whole number >= 0, got {max_restarts!r}")
+        raise SettingsError(f"max_restarts must be a whole number >= 0, got {max_restarts!r}")
     min_nodes = check_nnodes(nnodes, min_nodes)
     conf = parse_rdzv_conf(rdzv_conf)
     plan = env_plan.validate_env_plan(faults, nproc * nnodes, nodes=nnodes if nnodes > 1 else None)
@@ -147,11 +147,11 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max
 def check_nnodes(nnodes, min_nodes) -> int:
     """``nnodes``: a whole number >= 1; ``min_nodes``: None (= nnodes) or 1..nnodes. Returns min_nodes."""
     if isinstance(nnodes, bool) or not isinstance(nnodes, int) or nnodes < 1:
-        raise ValueError(f"nnodes must be a whole number >= 1 (one torchrun agent per virtual node), got {nnodes!r}")
+        raise SettingsError(f"nnodes must be a whole number >= 1 (one torchrun agent per virtual node), got {nnodes!r}")
     if min_nodes is None:
         return nnodes
     if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or not 1 <= min_nodes <= nnodes:
-        raise ValueError(f"min_nodes must be a whole number from 1 to nnodes={nnodes} (the fewest nodes the job "
+        raise SettingsError(f"min_nodes must be a whole number from 1 to nnodes={nnodes} (the fewest nodes the job "
                          f"goes on with), got {min_nodes!r}")
     return min_nodes
 
