@@ -45,6 +45,7 @@ GROUP_HELP = ("fault injection for torch.distributed (pytest-ddpfault); settings
 
 _settings_key = pytest.StashKey["SessionSettings"]()
 _results_key = pytest.StashKey[list]()
+_final_runs_key = pytest.StashKey[list]()  # a hypothesis test: the runs of each final replay (ranges)
 _marker_error_key = pytest.StashKey[str]()
 _marker_key = pytest.StashKey["MarkerSettings"]()
 _slots_key = pytest.StashKey[object]()
@@ -280,6 +281,63 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A hypothesis test: note which runs each final replay of a falsifying example made
+    (hypothesis replays it once more, last, to report it); the report shows those runs."""
+    test = getattr(item, "obj", None)
+    handle = getattr(test, "hypothesis", None)
+    results = item.stash.get(_results_key, None)
+    if results is None or handle is None or not getattr(test, "is_hypothesis_test", False):
+        yield
+        return
+    import functools
+
+    from hypothesis.control import current_build_context
+    from hypothesis.errors import InvalidArgument
+
+    inner = handle.inner_test
+    finals = item.stash[_final_runs_key] = []
+
+    @functools.wraps(inner)
+    def noting_the_final_replay(*args, **kwargs):
+        first = len(results)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            try:
+                final = current_build_context().is_final
+            except InvalidArgument:  # called outside an example
+                final = False
+            if final:
+                finals.append(range(first, len(results)))
+
+    handle.inner_test = noting_the_final_replay  # hypothesis' documented hook for wrapping plugins
+    try:
+        yield
+    finally:
+        handle.inner_test = inner
+
+
+def _reported_runs(item: pytest.Item, results: list) -> list:
+    """(title, result) of the runs a failing test's report shows: a hypothesis test's
+    falsifying example(s), as replayed last (else its last run); otherwise the last few
+    failed runs."""
+    finals = [r for r in item.stash.get(_final_runs_key, []) if r]
+    if finals:
+        out = []
+        for k, runs in enumerate(finals):
+            example = "falsifying example" + (f" {k + 1} of {len(finals)}" if len(finals) > 1 else "")
+            for j, i in enumerate(runs):
+                out.append((f"ddp ranks ({example}" + (f", run {j + 1} of {len(runs)})" if len(runs) > 1 else ")"),
+                            results[i]))
+        return out
+    if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        return [("ddp ranks (the last run)", results[-1])]
+    failed = [(i, r) for i, r in enumerate(results) if not r.ok][-_REPORTED_RUNS:] or [(len(results) - 1, results[-1])]
+    return [("ddp ranks" if len(results) == 1 else f"ddp ranks (run {i + 1} of {len(results)})", r) for i, r in failed]
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
@@ -287,12 +345,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if results and report.failed and call.when == "call":
         # longrepr prefixes the exception's lines with "E   ": look at the message itself too
         shown = str(report.longrepr) + (str(call.excinfo.value) if call.excinfo is not None else "")
-        # the failed runs (a hypothesis property makes many runs): the last few
-        failed = [(i, r) for i, r in enumerate(results) if not r.ok][-_REPORTED_RUNS:] or [(len(results) - 1, results[-1])]
-        for i, res in failed:
+        for title, res in _reported_runs(item, results):
             if res.summary() in shown:  # our own assertion already shows it
                 continue
-            title = "ddp ranks" if len(results) == 1 else f"ddp ranks (run {i + 1} of {len(results)})"
             report.sections.append((title, res.report()))
     if results and call.when == "call":
         directory = item.config.getoption("ddp_timeline") or item.config.getini("ddp_timeline")

@@ -1,4 +1,5 @@
 """Hypothesis strategies of fault plans: validity, shrinking, replay, and real properties."""
+import re
 import signal
 
 import pytest
@@ -142,6 +143,42 @@ def test_a_failing_property_prints_a_replayable_plan(pytester):
     # and it replays as printed
     assert Fault.parse("kill_rank") == Fault("kill_rank")
     assert signal.SIGKILL.name in out or "killed" in out
+
+
+def test_a_failing_propertys_report_shows_the_falsifying_examples_final_run_only(pytester):
+    pytester.makepyfile(
+        """
+        import pytest, torch, torch.distributed as dist
+        from hypothesis import given, settings, HealthCheck
+        from pytest_ddpfault.strategies import fault_plans, triggers
+
+        def allreduce_once():
+            dist.init_process_group("gloo")
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            dist.destroy_process_group()
+            return t.item()
+
+        @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(plan=fault_plans(2, kinds=["kill_rank", "delay"],
+                                triggers=triggers(ops=["all_reduce"], forms=("op",), max_call=1)))
+        @pytest.mark.ddp(world_size=2, timeout=10)
+        def test_property(ddp, plan):
+            res = ddp.run(allreduce_once, faults=plan)
+            assert res.ok, "not every rank returned"
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    # many runs, some of them failing with other plans, before the shrunk one
+    assert "plan='kill_rank'" in out
+    sections = re.findall(r"-{3,} (ddp ranks[^\n]*?) -{3,}", out)
+    assert sections == ["ddp ranks (falsifying example)"], sections
+    section = out.split("ddp ranks (falsifying example)", 1)[1]
+    assert re.findall(r"fault plan: .*", out) == ["fault plan: kill_rank"]
+    assert "died of SIGKILL" in section and " of 1" not in out
 
 
 def test_every_param_of_every_kind_declares_what_fuzzing_draws():
