@@ -586,15 +586,20 @@ $PROGRESS
 """
 
 
+_FAULTS_THREAD = object()  # the trace's thread of fault spans (any text could be a group's name)
+
+
 def write_trace(path, model: dict) -> str:
     """Chrome trace event JSON (opens in Perfetto and chrome://tracing): pid = rank (attempt * 100 +
-    rank for a launched run), tid = group (0 is the rank's own life), times in microseconds.
+    rank for a launched run), tid = group (0 is the rank's own life; a "faults" thread holds what
+    each fault did there, as the page draws it), times in microseconds.
     Op events carry Flight Recorder's field names: ``profiling_name``, ``collective_seq_id``."""
     path = os.fspath(path)
     events: list[dict] = []
-    tids: dict[str, int] = {}
+    tids: dict[object, int] = {}  # a group's name, or FAULTS
+    marks = fault_marks(model)
     us = lambda t: round(t * 1e6, 1)  # noqa: E731
-    for lane in model["lanes"]:
+    for i, lane in enumerate(model["lanes"]):
         pid = lane["pid"]
         events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": lane["label"]}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
@@ -623,6 +628,18 @@ def write_trace(path, model: dict) -> str:
         for ev in lane["events"]:
             events.append({"ph": "i", "s": "p", "name": f"fault: {ev.kind}", "cat": "fault", "pid": pid, "tid": 0,
                            "ts": us(ev.time), "args": {"event": str(ev), "spec": ev.spec}})
+        rows: list[float] = []  # overlapping spans on threads of their own (a thread's slices must nest)
+        named_rows: set[int] = set()
+        for m in sorted((m for m in marks if m["lane"] == i and m["t1"] is not None), key=lambda m: m["t0"]):
+            row = next((k for k, free in enumerate(rows) if free <= m["t0"]), len(rows))
+            rows[row:row + 1] = [m["t1"]]
+            tid = tids.setdefault((_FAULTS_THREAD, row), len(tids) + 1)
+            if row not in named_rows:
+                named_rows.add(row)
+                events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                               "args": {"name": "faults" if row == 0 else f"faults ({row + 1})"}})
+            events.append({"ph": "X", "name": m["label"], "cat": "fault", "pid": pid, "tid": tid, "ts": us(m["t0"]),
+                           "dur": us(m["t1"] - m["t0"]), "args": {"event": m["text"], "style": m["style"]}})
         if lane["status"] != "ok":
             events.append({"ph": "i", "s": "p", "name": f"end: {lane['status']}", "cat": "end", "pid": pid,
                            "tid": 0, "ts": us(end), "args": {"detail": lane["detail"]}})

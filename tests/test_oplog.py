@@ -147,6 +147,8 @@ def test_a_hang_runs_to_the_deadline_in_the_log_the_timeline_and_the_trace(ddp, 
     assert 'data-status="hung"' in page and 'class="op inflight"' in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert "hang_rank on rank 1 at step#2" in page  # the fault marker's tooltip
+    frozen = page.split('<g class="lane ')[2]  # rank 1's lane: frozen from the fault to the deadline
+    assert 'class="fault span-frozen"' in frozen and ">hang_rank to the end</text>" in frozen
 
     trace = json.loads(Path(res.trace(tmp_path / "run.trace.json")).read_text())["traceEvents"]
     ops = [ev for ev in trace if ev["ph"] == "X" and ev.get("cat") in ("python", "c++")]
@@ -156,6 +158,9 @@ def test_a_hang_runs_to_the_deadline_in_the_log_the_timeline_and_the_trace(ddp, 
         (f"gloo:{waiting.name}", waiting.seq)]
     assert (stuck[0]["ts"] + stuck[0]["dur"]) / 1e6 >= 2.9  # drawn to the deadline
     assert any(ev["ph"] == "i" and ev["name"] == "fault: hang_rank" and ev["pid"] == 1 for ev in trace)
+    [freeze] = [ev for ev in trace if ev["ph"] == "X" and ev.get("cat") == "fault"]  # on its "faults" thread
+    assert freeze["pid"] == 1 and freeze["name"] == "hang_rank to the end"
+    assert (freeze["ts"] + freeze["dur"]) / 1e6 == pytest.approx(res[1].end_time, abs=1e-3)
     assert {ev["args"]["name"] for ev in trace if ev["name"] == "thread_name"} >= {"group default"}
 
 

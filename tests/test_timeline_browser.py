@@ -222,6 +222,22 @@ def test_fault_marks_span_what_each_fault_did_on_every_lane_it_touched():
     ]
 
 
+def test_a_launched_runs_fault_marks_stay_in_their_attempt():
+    from pytest_ddpfault.results import AttemptFaultEvent
+
+    lanes = [dict(lane(r % 2, 2.0 + r), attempt=r // 2) for r in range(4)]  # attempt 0: ranks 0, 1; attempt 1
+    lanes[1]["events"] = [AttemptFaultEvent("partition", 1, "step#2", 0.5, "partition(ranks=(1,), at=step#2)",
+                                            scope=(1,), attempt=0)]
+    lanes[2]["events"] = [AttemptFaultEvent("delay", 0, "step#1", 2.5, "delay(rank=0, at=step#1, seconds=0.2)",
+                                            attempt=1)]
+    marks = timeline.fault_marks({"lanes": lanes, "group_events": [], "duration": 6.0})
+    assert sorted((m["lane"], m["style"], m["t0"], m["t1"], m["label"]) for m in marks) == [
+        (0, "links", 0.5, 2.0, "partition to the end ↔ rank 1"),  # to each lane's end, not into attempt 1
+        (1, "links", 0.5, 3.0, "partition to the end ↔ rank 0"),
+        (2, "acting", 2.5, 2.7, "delay 0.2 s"),
+    ]
+
+
 def train_and_save(directory, steps, pg_timeout=2.0):
     """DDP training; each step rank 0 saves a checkpoint (torch.save), then a barrier."""
     from torch.nn.parallel import DistributedDataParallel as DDP
