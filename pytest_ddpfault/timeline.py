@@ -2,12 +2,19 @@
 trace JSON (``GroupResult.timeline``/``.trace``, ``TorchrunResult.timeline``/``.trace``).
 
 The HTML page needs no network and no JavaScript for the basics: the lanes are inline SVG
-drawn here, and every bar, step mark and fault marker carries a ``<title>`` (the browser's
-own tooltip). A few lines of script add a details panel that follows the mouse.
+drawn here, and every bar, step mark and fault carries a ``<title>`` (the browser's own
+tooltip). Its script adds a details panel that follows the mouse, and the zoom: buttons, the
+wheel, a drag across the lanes, ``#view=A-B`` (seconds) in the address; every mark carries
+its times (``data-t``, ``data-t0``/``data-t1``) and the script places it again for the
+stretch shown, with round ticks (``ticks``) for it.
 
 Lanes: one per rank (per worker and attempt for a launched run, attempts one after the
 other on the same clock). Ops are bars from start to end; an op still in flight when the
 rank ended runs, hatched, to the rank's end — for a hung rank, the harness's deadline.
+What each fault did (``fault_marks``) is drawn on every lane it touched, named on a strip
+at the top of the lane and tinted behind the ops: for as long as its kind says it acts
+(``FaultKind.acts_for``: a delay's seconds, a freeze to ``resume_after`` or the end, a
+network fault until the harness lifted it), or as a moment (a kill, a torn save).
 Pure rendering: no torch, no processes.
 """
 from __future__ import annotations
