@@ -10,9 +10,17 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from pytest_ddpfault.faults.triggers import KNOWN_OPS
 from pytest_ddpfault.frames import qualified_name, strip_build_paths
 
 _TAIL_LINES = 20
+# The calls every rank of a group makes (collectives, new_group, init): a rank that never
+# entered one its peers did lags. Not a pair's calls (send, recv), nor what a rank may do
+# alone (save, load, step).
+_POINT_TO_POINT = frozenset({"send", "recv", "isend", "irecv", "send_object_list", "recv_object_list",
+                             "batch_isend_irecv"})
+GROUP_WIDE_OPS = (KNOWN_OPS - {"collective"} - _POINT_TO_POINT) | {"init"}
+_WHOLE_GROUP = ("", "default")   # the op log's group of calls on the default group (init: none)
 
 
 def signal_name(sig: int | None) -> str:
@@ -61,9 +69,18 @@ def _where(r: RankResult) -> str:
     return f"after {last}, ended t={last.end:.2f}s"
 
 
+def _explains(ev: FaultEvent, r: RankResult) -> bool:
+    """Whether fault event ``ev`` explains why rank ``r`` never got to a call its peers made:
+    it hit that rank (fired there, or cut its links), the rank did not return, and the rank
+    completed no call after it (it got past a delay, a healed partition, a resumed freeze)."""
+    if not (ev.rank == r.rank or r.rank in ev.scope) or r.status == "ok":
+        return False
+    return not any(op.end is not None and not op.failed and op.start >= ev.time for op in r.ops)
+
+
 def _why_not(r: RankResult, events: Sequence) -> str:
-    """Why a rank did not get to a call: its fault, its end, its last op."""
-    parts = [f"{ev.kind} at {ev.trigger}" for ev in events if ev.rank == r.rank]
+    """Why a rank did not get to a call: the fault that explains it, its end, its last op."""
+    parts = [f"{ev.kind} at {ev.trigger}" for ev in events if _explains(ev, r)]
     parts.append(r.status if r.status in ("ok", "hung") else r.detail())
     last = r.last_op
     parts.append(f"last op {last}" if last is not None else "no op logged")
@@ -73,23 +90,27 @@ def _why_not(r: RankResult, events: Sequence) -> str:
 def progress_table(ranks: Sequence[RankResult], events: Sequence = (), faulted: frozenset = frozenset(),
                    label=None) -> str:
     """The progress table of a group (or an attempt): rank, status, ops logged, where it
-    was; then one line naming the laggards."""
+    was; then one line naming the laggards: who waits in (or failed in) the latest call
+    every rank of its group makes, and who never entered it and why."""
     label = label or (lambda r: f"{r.rank}{'*' if r.rank in faulted else ''}")
     nodes = len({r.node for r in ranks}) > 1   # virtual nodes: which node each rank was on
     rows = [("rank", *(("node",) if nodes else ()), "status", "ops", "where it was")]
     rows += [(label(r), *((str(r.node),) if nodes else ()), r.status, str(len(r.ops) + r.ops_dropped), _where(r))
              for r in ranks]
     lines = ["where each rank was:", *_table(rows)]
-    logged = [r for r in ranks if r.ops]
+    group_wide = {r.rank: [o for o in r.ops if o.name in GROUP_WIDE_OPS] for r in ranks}
+    logged = [r for r in ranks if group_wide[r.rank]]
     if not logged:
         return "\n".join(lines)
-    ahead = max(logged, key=lambda r: (len(r.ops) + r.ops_dropped, r.ops[-1].start))
-    ref = ahead.ops[-1]
-    in_ref = [r for r in ranks if r.last_op is not None and (r.last_op.name, r.last_op.seq) == (ref.name, ref.seq)]
+    ahead = max(logged, key=lambda r: (len(group_wide[r.rank]) + r.ops_dropped, group_wide[r.rank][-1].start))
+    ref = group_wide[ahead.rank][-1]
+    # its group's ranks: all of them, or for a new_group's, those that logged a call on it
+    members = [r for r in ranks if ref.group in _WHOLE_GROUP or any(o.group == ref.group for o in r.ops)]
+    in_ref = [r for r in members if r.last_op is not None and (r.last_op.name, r.last_op.seq) == (ref.name, ref.seq)]
     waiting = [r.rank for r in in_ref if r.last_op.in_flight]
     failed = [r.rank for r in in_ref if r.last_op.failed]
-    entered = {r.rank for r in ranks if any(o.name == ref.name and o.seq >= ref.seq for o in r.ops)}
-    missing = [r for r in ranks if r.rank not in entered]
+    entered = {r.rank for r in members if any(o.name == ref.name and o.seq >= ref.seq for o in r.ops)}
+    missing = [r for r in members if r.rank not in entered]
     said = []
     if waiting:
         said.append(f"{_rank_word(waiting)} {'waits' if len(waiting) == 1 else 'wait'} in {ref}")
