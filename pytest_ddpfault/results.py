@@ -10,6 +10,7 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from pytest_ddpfault.faults import FaultSpecError, kinds_with, parse_plan
 from pytest_ddpfault.faults.triggers import KNOWN_OPS
 from pytest_ddpfault.frames import qualified_name, strip_build_paths
 
@@ -46,6 +47,18 @@ def _plan_lines(plan: str, fired: Sequence, unfired: Sequence) -> list[str]:
     """The plan, what fired, and what did not (with why), under a result's table."""
     return ([f"fault plan: {plan}"] if plan else []) + [f"fired: {ev}" for ev in fired] + \
         [f"did not fire: {u}" for u in unfired]
+
+
+def _star_legend(plan: str) -> str:
+    """The table's ``*`` legend: the kinds of the plan that make the rank they hit not a
+    survivor (each kind says so: ``targets_rank``); every such kind where the plan is not known."""
+    try:
+        names = sorted({f.kind for f in parse_plan(plan) if f.definition.targets_rank}) if plan else []
+    except FaultSpecError:
+        names = []
+    names = names or list(kinds_with("targets_rank"))
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"(* = targeted by {listed}: not a survivor)"
 
 
 def _tail(text: str, lines: int = _TAIL_LINES) -> str:
@@ -353,7 +366,7 @@ class GroupResult:
                        [(f"{r.rank}{'*' if r.rank in self.faulted_ranks else ''}", *((str(r.node),) if nodes else ()),
                          r.status, _seconds(r.duration), r.detail()) for r in self.ranks])
         if self.faulted_ranks:
-            lines.append("(* = targeted by a kill, crash or hang fault)")
+            lines.append(_star_legend(self.plan))
         network = [f"network: {self.network}: {self.network_note}"] if self.network_note else []
         return "\n".join(lines + _plan_lines(self.plan, self.fault_events, self.unfired) + network)
 

@@ -197,6 +197,20 @@ def test_survivors_and_faulted_follow_the_plan():
     assert "1*" in res.summary() and "(* = targeted" in res.summary()
 
 
+@pytest.mark.parametrize("plan, legend", [
+    ("torn_save(rank=0)", "(* = targeted by torn_save: not a survivor)"),
+    ("io_error(rank=1, at=load#1); delay(rank=0, seconds=1); kill_rank(rank=1)",   # delay stars no rank
+     "(* = targeted by io_error or kill_rank: not a survivor)"),
+    ("", "(* = targeted by " + ", ".join(pytest_ddpfault.faults.kinds_with("targets_rank")[:-1])
+     + f" or {pytest_ddpfault.faults.kinds_with('targets_rank')[-1]}: not a survivor)"),
+])
+def test_the_star_legend_names_the_kinds_that_star_a_rank(plan, legend):
+    res = GroupResult([RankResult(0, "killed", signal=9), RankResult(1, "raised")], [], frozenset({0}), 1.0, plan)
+    assert legend in res.summary().splitlines(), res.summary()
+    # without a plan, every kind that stars a rank: storage faults do
+    assert {"kill_rank", "crash_rank", "hang_rank", "torn_save", "io_error"} <= set(re.findall(r"\w+", legend)) or plan
+
+
 def test_assert_survivors_raised_within_measures_from_the_first_fault():
     slow = RankResult(0, "raised", exc_type="RuntimeError", exc_mro=("RuntimeError", "Exception"),
                       message="Connection closed by peer", end_time=5.0)

@@ -281,7 +281,8 @@ def rank_faults(faults: Any, rank: int, world_size: int, nodes: int = 1) -> tupl
 
 
 def faulted_ranks(faults: Any, world_size: int, nodes: int = 1) -> frozenset[int]:
-    """Ranks targeted by a kill, crash or hang fault (the rest are survivors)."""
+    """Ranks targeted by a fault whose kind ``targets_rank`` (a kill, crash or hang, a torn
+    save, an I/O error, a wrong start); the rest are survivors."""
     out: set[int] = set()
     for f in parse_plan(faults):
         f.validate(world_size, nodes)
