@@ -255,10 +255,6 @@ class GroupRun:
             env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         return env
 
-    def _start_ranks(self, setup: Deadline) -> None:
-        from pytest_ddpfault.rank.task import RankTask
-
-        try:
     @property
     def master_addr(self) -> str:
         """Where the store is: node 0's address with virtual nodes (as multi-node torchrun has
@@ -271,6 +267,10 @@ class GroupRun:
         own = self.link_proxies.store_port(node) if self.link_proxies is not None else None
         return self.master_port if own is None else own
 
+    def _start_ranks(self, setup: Deadline) -> None:
+        from pytest_ddpfault.rank.task import RankTask
+
+        try:
             blob = dumps_call(self.fn, self.args, self.kwargs)
         except Exception as exc:
             raise HarnessError(f"cannot send {self.fn!r} to the ranks: {type(exc).__name__}: {exc}") from exc
