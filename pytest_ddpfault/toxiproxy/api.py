@@ -48,8 +48,9 @@ MAX_HEADER_BYTES = 1 << 20  #: Go's http.DefaultMaxHeaderBytes
 #: the request line and headers together (Go adds 4096 bytes of "bufio slop"); more is 431
 HEAD_LIMIT = MAX_HEADER_BYTES + 4096
 #: the longest proxy name, or proxy and toxic names together, URL-escaped: so that a
-#: request for any proxy or toxic fits in :data:`HEAD_LIMIT` with a few KiB of headers
-MAX_NAME_BYTES = MAX_HEADER_BYTES
+#: request for any proxy or toxic fits in :data:`HEAD_LIMIT` with up to 1 KiB of method,
+#: path and headers (a client's usual dozen)
+MAX_NAME_BYTES = HEAD_LIMIT - 1024
 MAX_HEADERS = 100
 READ_TIMEOUT = 15.0  #: to read one request once it has started (Go: ReadTimeout)
 IDLE_TIMEOUT = 60.0  #: between requests on a kept-alive connection (Go: IdleTimeout)
@@ -528,7 +529,7 @@ def _check_addressable(*names: str) -> None:
     if size > MAX_NAME_BYTES:
         what = "name" if len(names) == 1 else "proxy and toxic names together"
         raise ApiError(f"{what} too long: {size} bytes URL-escaped, at most {MAX_NAME_BYTES} "
-                       "(a request for it must fit the 1 MiB header limit)", 400)
+                       f"(a request for it must fit the header limit, {HEAD_LIMIT} bytes)", 400)
 
 
 def _proxies_json(proxies: list[Proxy]) -> list[dict[str, Any]] | None:

@@ -6,6 +6,8 @@ fails; every wait is bounded (socket timeouts, joins with timeouts, polls with d
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ import pytest
 import requests
 
 from pytest_ddpfault.toxiproxy import EmbeddedToxiproxy
+from pytest_ddpfault.toxiproxy.client import _start_binary
 
 #: default bound on any single blocking socket operation in these tests
 IO_TIMEOUT = 5.0
@@ -203,6 +206,32 @@ def api(server: EmbeddedToxiproxy) -> Iterator[Api]:
         yield client
     finally:
         client.close()
+
+
+def real_binary() -> str | None:
+    """A real toxiproxy-server for differential tests: ``DDPFAULT_REAL_TOXIPROXY``, else on PATH."""
+    return os.environ.get("DDPFAULT_REAL_TOXIPROXY") or shutil.which("toxiproxy-server")
+
+
+@pytest.fixture(params=["embedded", "real"])
+def either_api(request) -> Iterator[Api]:
+    """An :class:`Api` on the embedded server, then on a real ``toxiproxy-server`` (skipped
+    where there is none), for tests that pin what both do."""
+    if request.param == "embedded":
+        embedded = EmbeddedToxiproxy("127.0.0.1", 0).start()
+        url, stop = embedded.url, lambda: embedded.stop(timeout=5.0)
+    else:
+        binary = real_binary()
+        if binary is None:
+            pytest.skip("no real toxiproxy-server: put one on PATH or set DDPFAULT_REAL_TOXIPROXY")
+        real = _start_binary(binary)
+        url, stop = real.url, real.stop
+    client = Api(url)
+    try:
+        yield client
+    finally:
+        client.close()
+        stop()
 
 
 @pytest.fixture

@@ -342,11 +342,28 @@ def test_latency_holds_toxiproxys_buffer_in_flight(metered, make_upstream, conne
     assert looks[-1][1] <= (32 << 20) + (1 << 20), f"{looks[-1][1]} bytes in flight: beyond Go's"
 
 
-def test_timeout_restarts_with_every_chunk(api, echo_proxy, connect, tp):
+def test_bulk_throughput_under_latency_is_toxiproxys(either_api, make_upstream, connect, tp):
+    """24 MiB through a 500 ms latency arrive within a few periods, as on the real server
+    (a 1 MiB buffer in flight needed ~10 s: one buffer per latency period)."""
+    upstream = make_upstream(_drains)
+    port = either_api.create_proxy("bulk", upstream.address)
+    either_api.add_toxic("bulk", "latency", stream="upstream", attributes={"latency": 500})
+    sock = connect(port)
+    size = 24 << 20
+    start = time.perf_counter()
+    sock.sendall(bytes(size))
+    tp.wait_for(lambda: len(upstream.received) >= size, what="24 MiB through the latency")
+    elapsed = time.perf_counter() - start
+    assert 0.5 <= elapsed < 2.5, f"{elapsed:.2f} s"
+    assert len(upstream.received) == size
+
+
+def test_timeout_restarts_with_every_chunk(either_api, echo_upstream, connect, tp):
     """As in Toxiproxy, each chunk restarts the timer: a connection that keeps sending
     stays open past ``timeout``; once quiet, it closes ``timeout`` after its last data."""
-    api.add_toxic("echo", "timeout", stream="upstream", attributes={"timeout": 600})
-    sock = connect(echo_proxy, timeout=0.1)
+    port = either_api.create_proxy("echo", echo_upstream.address)
+    either_api.add_toxic("echo", "timeout", stream="upstream", attributes={"timeout": 600})
+    sock = connect(port, timeout=0.1)
     start = last = time.perf_counter()
     while last - start < 1.5:  # 2.5 timeouts of sending, a byte every ~0.1 s
         last = time.perf_counter()
@@ -362,7 +379,7 @@ def test_timeout_restarts_with_every_chunk(api, echo_proxy, connect, tp):
     assert 0.6 <= time.perf_counter() - last < 1.2
 
 
-def test_bandwidth_holds_the_rate_over_a_long_transfer(api, make_upstream, connect, tp):
+def test_bandwidth_holds_the_rate_over_a_long_transfer(either_api, make_upstream, connect, tp):
     """Overrun waits are paid back by the next ones: 20 MB at 10 000 KB/s arrive at the
     rate within a few percent (Toxiproxy: ~1 % under; a schedule restarted at every
     chunk lost 5-7 %). Measured from the first chunk's arrival to the last byte."""
@@ -372,8 +389,8 @@ def test_bandwidth_holds_the_rate_over_a_long_transfer(api, make_upstream, conne
         conn.settimeout(4 * tp.IO_TIMEOUT)  # the whole sendall, paced by the toxic: ~2 s
         conn.sendall(payload)
 
-    port = api.create_proxy("bulk", make_upstream(sends_slowly_then_closes).address)
-    api.add_toxic("bulk", "bandwidth", attributes={"rate": 10_000})
+    port = either_api.create_proxy("bulk", make_upstream(sends_slowly_then_closes).address)
+    either_api.add_toxic("bulk", "bandwidth", attributes={"rate": 10_000})
     sock = connect(port)
     data = bytearray(sock.recv(1 << 20))
     first, start = len(data), time.perf_counter()
