@@ -12,10 +12,11 @@ each toxic's input is a channel holding its ``GetBufferSize()`` chunks (1024 for
 ``latency``, else none: a hand-over). Here a pipe holds as many :data:`CHUNK` -sized units
 as the toxic's ``buffer_size`` (a chunk read here counts as the 32 KiB reads it would
 take in Go), so ``latency`` keeps up to ~32 MiB in flight and bulk throughput under it is
-Toxiproxy's. Toxics can be added, updated and
-removed while the connection is open: a stage is *interrupted* (every wait it makes also
-waits on the interrupt), forwards what it held so that nothing is lost, and then restarts
-with the new attributes or leaves the chain. The end of a stream travels through the chain
+Toxiproxy's.
+
+Toxics can be added, updated and removed while the connection is open: a stage is
+*interrupted* (every wait it makes also waits on the interrupt), forwards what it held so
+that nothing is lost, and then restarts with the new attributes or leaves the chain. The end of a stream travels through the chain
 as an end chunk (EOF, or RST for ``reset_peer``) so that it keeps its place after the data.
 
 Link talks to its two sockets through a small interface (``write``, ``close``, ``pause``,
