@@ -16,8 +16,9 @@ Toxiproxy's.
 
 Toxics can be added, updated and removed while the connection is open: a stage is
 *interrupted* (every wait it makes also waits on the interrupt), forwards what it held so
-that nothing is lost, and then restarts with the new attributes or leaves the chain. The end of a stream travels through the chain
-as an end chunk (EOF, or RST for ``reset_peer``) so that it keeps its place after the data.
+that nothing is lost, and then restarts with the new attributes or leaves the chain. The
+end of a stream travels through the chain as an end chunk (EOF, or RST for
+``reset_peer``) so that it keeps its place after the data.
 
 Link talks to its two sockets through a small interface (``write``, ``close``, ``pause``,
 ``resume`` on :class:`~pytest_ddpfault.toxiproxy.proxy.Side`), and to its connection only to
