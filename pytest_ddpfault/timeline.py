@@ -230,6 +230,7 @@ _LEGEND = {
     "hung": ('<path d="M6,2 h3 v10 h-3 z M12,2 h3 v10 h-3 z" fill="#37474f"/>', "hung to the harness's deadline"),
 }
 _LANE_H, _BAR_H, _STRIP_H, _LABEL_W, _PLOT_W, _TOP = 50, 18, 13, 190, 960, 30
+_ROW_H = _STRIP_H + 1   # a lane's strip grows a row for each fault that overlaps another in time
 
 
 def _at(t: float, x: float, inner: str, cls: str, text: str | None = None, attrs: str = "") -> str:
@@ -247,38 +248,56 @@ def _range(t0: float, t1: float, x, y: float, h: float, attrs: str, minw: float 
             f'width="{max(minw, x(t1) - x(t0)):.1f}" height="{h:.1f}" {attrs}/>')
 
 
-def _place_labels(own: list[dict], x) -> list[dict]:
-    """Where each fault's name goes in its lane's strip: a span's inside it where it fits, else
-    after it; a moment's after its diamond, or before it where the plot ends first. Where two
-    would overlap, the later one is left out (spans' names first; hover says it all, a zoom
-    makes room). The page's script redoes this after a zoom with the text's real widths."""
-    placed = []
+def _strip_rows(own: list[dict]) -> list[int]:
+    """Each of a lane's marks' row in its strip: spans that overlap in time on rows of their
+    own (first fit, in time order), moments on the first."""
+    rows, free_from = [], []
     for m in own:
+        row = 0 if m["t1"] is None else next((k for k, t in enumerate(free_from) if t <= m["t0"]), len(free_from))
+        if m["t1"] is not None:
+            free_from[row:row + 1] = [m["t1"]]
+        rows.append(row)
+    return rows
+
+
+def _place_labels(own: list[dict], rows: list[int], x) -> list[dict]:
+    """Where each fault's name goes in its lane's strip: a span's inside it where it fits, else
+    after it; a moment's after its diamond, or before it where the plot ends first. A name
+    outside its span that would cover another name or another span of its row is left out
+    (names inside their spans first; hover says it all, a zoom makes room). The page's script
+    redoes this after a zoom with the text's real widths."""
+    placed = []
+    for m, row in zip(own, rows):
         width = len(m["label"]) * 6.2
         if m["t1"] is None:
             at = x(m["t0"])
             before = at + 9 + width > _LABEL_W + _PLOT_W
             left = at - 9 - width if before else at + 9
             placed.append({"x": -9 if before else 9, "anchor": "end" if before else "start", "left": left,
-                           "right": left + width, "outside": False})
+                           "right": left + width, "outside": True, "row": row})
         else:
             inside = x(m["t1"]) - x(m["t0"]) >= width + 8
             left = x(m["t0"]) + 4 if inside else x(m["t1"]) + 4
-            placed.append({"x": left, "anchor": "start", "left": left, "right": left + width, "outside": not inside})
+            placed.append({"x": left, "anchor": "start", "left": left, "right": left + width, "outside": not inside,
+                           "row": row})
+    strips = [(row, x(m["t0"]), x(m["t1"]), k) for k, (m, row) in enumerate(zip(own, rows)) if m["t1"] is not None]
     shown: list[dict] = []
-    for m, p in sorted(zip(own, placed), key=lambda mp: (mp[0]["t1"] is None, mp[1]["left"])):
-        p["hidden"] = any(p["left"] < q["right"] + 4 and q["left"] < p["right"] + 4 for q in shown)
+    for k, p in sorted(enumerate(placed), key=lambda kp: (kp[1]["outside"], kp[1]["left"])):
+        covers = [(lo, hi) for row, lo, hi, j in strips if row == p["row"] and j != k] if p["outside"] else []
+        covers += [(q["left"], q["right"]) for q in shown if q["row"] == p["row"]]
+        p["hidden"] = any(p["left"] < hi + 4 and lo < p["right"] + 4 for lo, hi in covers)
         shown += [] if p["hidden"] else [p]
     return placed
 
 
-def _label_text(m: dict, p: dict, y: float) -> str:
+def _label_text(m: dict, p: dict, y: float, of: str = "") -> str:
+    """A fault's name; a span's names the id of the span it belongs to (``data-of``)."""
     hide = ' style="display: none;"' if p["hidden"] else ""
     if m["t1"] is None:
-        return (f'<text class="strip-label moment-label" x="{p["x"]}" y="{y:.1f}" text-anchor="{p["anchor"]}"'
-                f'{hide}>{html.escape(m["label"])}</text>')
+        return (f'<text class="strip-label moment-label" data-row="0" x="{p["x"]}" y="{y:.1f}" '
+                f'text-anchor="{p["anchor"]}"{hide}>{html.escape(m["label"])}</text>')
     return (f'<text class="strip-label span-label {m["style"]}{" outside" if p["outside"] else ""}" '
-            f'data-t0="{m["t0"]:.6f}" data-t1="{m["t1"]:.6f}" x="{p["x"]:.1f}" y="{y:.1f}"{hide}>'
+            f'data-of="{of}" data-row="{p["row"]}" data-t0="{m["t0"]:.6f}" data-t1="{m["t1"]:.6f}" x="{p["x"]:.1f}" y="{y:.1f}"{hide}>'
             f'{html.escape(m["label"])}</text>')
 
 
@@ -291,7 +310,10 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
     lanes = model["lanes"]
     marks = fault_marks(model)
     drawn: set[str] = set()
-    height = _TOP + _LANE_H * len(lanes) + 8
+    own_marks = [[m for m in marks if m["lane"] == i] for i in range(len(lanes))]
+    strip_rows = [_strip_rows(own) for own in own_marks]
+    lane_h = [_LANE_H + (max(rows, default=0)) * _ROW_H for rows in strip_rows]
+    height = _TOP + sum(lane_h) + 8
     svg = [f'<svg id="lanes" xmlns="http://www.w3.org/2000/svg" width="{_LABEL_W + _PLOT_W + 24}" '
            f'height="{height}" role="img" aria-label="{e(title)}" data-span="{span:.6f}" '
            f'data-plot-x="{_LABEL_W}" data-plot-w="{_PLOT_W}">',
@@ -304,8 +326,8 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
     svg.append("</g>")
     previous_attempt = None
     for i, lane in enumerate(lanes):
-        y = _TOP + i * _LANE_H
-        strip, top = y + 3, y + 5 + _STRIP_H
+        y, own, rows, lane_height = _TOP + sum(lane_h[:i]), own_marks[i], strip_rows[i], lane_h[i]
+        strip, top = y + 3, y + 5 + _STRIP_H + (lane_height - _LANE_H)
         mid = top + _BAR_H / 2
         end = lane["end"] if lane["end"] is not None else span
         colour = _STATUS_COLOUR.get(lane["status"], "#555")
@@ -317,13 +339,12 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
         star = "*" if lane["faulted"] else ""
         svg.append(f'<text class="lane-label" x="6" y="{mid + 4}">{e(lane["label"])}{star} '
                    f'<tspan fill="{colour}">{e(lane["status"])}</tspan><title>{e(_end_text(lane))}</title></text>')
-        svg.append(f'<rect class="lane-bg" x="{_LABEL_W}" y="{y + 2}" width="{_PLOT_W}" height="{_LANE_H - 4}"/>')
+        svg.append(f'<rect class="lane-bg" x="{_LABEL_W}" y="{y + 2}" width="{_PLOT_W}" height="{lane_height - 4}"/>')
         svg.append('<g class="plot" clip-path="url(#plot-clip)">')
-        own = [m for m in marks if m["lane"] == i]
         for m in own:  # the tint of what a fault did, behind the ops
             if m["t1"] is not None:
                 drawn.add(m["style"])
-                svg.append(_range(m["t0"], m["t1"], x, y + 2, _LANE_H - 4, f'class="tint-{m["style"]}"', 1.0))
+                svg.append(_range(m["t0"], m["t1"], x, y + 2, lane_height - 4, f'class="tint-{m["style"]}"', 1.0))
         drawn.add("life")
         svg.append(_range(lane["start"], end, x, mid - 1, 2, f'class="life" fill="{colour}"', 1.0))
         for op in lane["ops"]:
@@ -344,19 +365,25 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
             hide = "" if number else ' style="display: none;"'
             svg.append(_at(s.time, x(s.time), f'<line class="step-line" x1="0" y1="{top - 2}" x2="0" '
                                               f'y2="{top + _BAR_H + 2}"/><text class="step-num" x="0" '
-                                              f'y="{y + _LANE_H - 4}"{hide}>{s.seq}</text>',
+                                              f'y="{y + lane_height - 4}"{hide}>{s.seq}</text>',
                            "step", f"step {s.seq} at t={s.time:.3f}s"))
-        for m, p in zip(own, _place_labels(own, x)):  # the strip naming each fault on top of the lane
+        # the strip naming each fault on top of the lane: spans, then names and moments over them
+        on_top = []
+        for k, (m, p, row) in enumerate(zip(own, _place_labels(own, rows, x), rows)):
             drawn.add(m["style"])
+            row_y = strip + row * _ROW_H
             if m["t1"] is None:
-                inner = (f'<line class="moment-line" x1="0" y1="{strip + _STRIP_H}" x2="0" y2="{y + _LANE_H - 3}"/>'
-                         f'<path class="diamond" d="M0,{strip - 1} l6,{_STRIP_H / 2 + 1} l-6,{_STRIP_H / 2 + 1} '
-                         f'l-6,{-_STRIP_H / 2 - 1} z"/>{_label_text(m, p, strip + 10)}')
-                svg.append(_at(m["t0"], x(m["t0"]), inner, "fault moment", m["text"]))
+                inner = (f'<line class="moment-line" x1="0" y1="{strip + _STRIP_H}" x2="0" '
+                         f'y2="{y + lane_height - 3}"/><path class="diamond" d="M0,{strip - 1} l6,{_STRIP_H / 2 + 1} '
+                         f'l-6,{_STRIP_H / 2 + 1} l-6,{-_STRIP_H / 2 - 1} z"/>{_label_text(m, p, strip + 10)}')
+                on_top.append(_at(m["t0"], x(m["t0"]), inner, "fault moment", m["text"]))
             else:
-                svg.append(f'<g class="fault span-{m["style"]}" data-detail="{e(m["text"])}">'
-                           + _range(m["t0"], m["t1"], x, strip, _STRIP_H, f'class="strip-{m["style"]}"', 2.0)
-                           + _label_text(m, p, strip + 10) + f'<title>{e(m["text"])}</title></g>')
+                svg.append(f'<g class="fault span-{m["style"]}" id="fault-{i}-{k}" data-detail="{e(m["text"])}">'
+                           + _range(m["t0"], m["t1"], x, row_y, _STRIP_H,
+                                    f'class="strip-{m["style"]}" data-row="{row}"', 2.0)
+                           + f'<title>{e(m["text"])}</title></g>')
+                on_top.insert(0, _label_text(m, p, row_y + 10, f"fault-{i}-{k}"))
+        svg += on_top
         if lane["status"] != "ok":
             if lane["status"] == "hung":  # two bars: stopped until the harness ended it
                 drawn.add("hung")
@@ -507,14 +534,21 @@ $PROGRESS
       t.setAttribute("x", before ? -9 : 9); t.setAttribute("text-anchor", before ? "end" : "start");
       t.style.display = at < L || at > L + W ? "none" : "";
     });
-    svg.querySelectorAll("g.lane").forEach(function (lane) {  /* overlapping names: spans' first */
+    svg.querySelectorAll("g.lane").forEach(function (lane) {  /* as timeline._place_labels() */
+      var box = function (el) { var r = el.getBoundingClientRect(); return {left: r.left, right: r.right}; };
+      var strips = Array.prototype.map.call(lane.querySelectorAll("rect[data-row]"), function (r) {
+        var b = box(r); b.row = r.dataset.row; b.of = r.parentNode.id; return b; });
       var shown = [], labels = Array.prototype.slice.call(lane.querySelectorAll("text.strip-label"))
         .filter(function (t) { return t.style.display !== "none"; })
-        .map(function (t) { var r = t.getBoundingClientRect(); return {t: t, left: r.left, right: r.right,
-                                                                       moment: t.classList.contains("moment-label")}; });
-      labels.sort(function (p, q) { return (p.moment - q.moment) || (p.left - q.left); });
+        .map(function (t) { var b = box(t); b.t = t; b.row = t.dataset.row;
+                            b.outside = t.classList.contains("outside") || t.classList.contains("moment-label");
+                            return b; });
+      labels.sort(function (p, q) { return (p.outside - q.outside) || (p.left - q.left); });
       labels.forEach(function (p) {
-        var hidden = shown.some(function (q) { return p.left < q.right + 4 && q.left < p.right + 4; });
+        var covers = shown.filter(function (q) { return q.row === p.row; });
+        if (p.outside) covers = covers.concat(strips.filter(function (s) {
+          return s.row === p.row && s.of !== p.t.dataset.of; }));
+        var hidden = covers.some(function (q) { return p.left < q.right + 4 && q.left < p.right + 4; });
         if (hidden) p.t.style.display = "none"; else shown.push(p);
       });
     });

@@ -143,7 +143,8 @@ function readMarks() {
   var lanes = Array.prototype.map.call(document.querySelectorAll("#lanes g.lane"), function (lane) {
     return {rank: +lane.dataset.rank, status: lane.dataset.status,
             marks: Array.prototype.map.call(lane.querySelectorAll("g.fault"), function (g) {
-              var strip = g.querySelector("rect[data-t0]"), label = g.querySelector("text");
+              var strip = g.querySelector("rect[data-t0]"),
+                  label = g.querySelector("text") || document.querySelector('[data-of="' + g.id + '"]');
               return {cls: g.getAttribute("class"), title: g.querySelector("title").textContent,
                       label: label ? label.textContent : "", shown: label ? label.style.display !== "none" : false,
                       t0: strip ? num(strip, "data-t0") : +g.dataset.t, t1: strip ? num(strip, "data-t1") : null,
@@ -220,6 +221,21 @@ def test_fault_marks_span_what_each_fault_did_on_every_lane_it_touched():
         (2, "links", 1.0, 1.6, "partition 0.5 s ↔ ranks 0, 1"),
         (3, "links", 1.0, 1.6, "partition 0.5 s ↔ ranks 0, 1"),
     ]
+
+
+def test_faults_that_overlap_in_time_get_rows_of_their_own_in_the_strip(tmp_path):
+    lanes = [lane(0, 2.0), lane(1, 2.0)]
+    lanes[0]["events"] = [FaultEvent("delay", 0, f"step#{n}", 0.2 + 0.3 * n, "delay(rank=0, at=step#1, seconds=0.2, "
+                                     "every=true)") for n in range(1, 4)]
+    group = [FaultEvent("partition", None, "t=0.5", 0.5, "partition(at=t=0.5, duration=0.4)", "proxy store")]
+    model = {"lanes": lanes, "group_events": group, "duration": 2.0, "summary": "", "progress": ""}
+    page = Path(timeline.write_html(tmp_path / "rows.html", model)).read_text()
+    first, second = page.split('<g class="lane ')[1:]
+    # rank 0: three delays on the first row, the store's partition (from the first's moment) on a second
+    assert re.findall(r'class="strip-(\w+)" data-row="(\d)"', first) == [
+        ("acting", "0"), ("acting", "1"), ("acting", "0"), ("acting", "0")]
+    assert re.findall(r'class="strip-(\w+)" data-row="(\d)"', second) == [("acting", "0")]
+    assert first.count(">delay 0.2 s</text>") == 3 and ">partition 0.4 s</text>" in first
 
 
 def test_a_launched_runs_fault_marks_stay_in_their_attempt():
