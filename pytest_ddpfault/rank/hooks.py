@@ -167,6 +167,13 @@ class FaultFirer:
                         total += sum(t.numel() * t.element_size() for t in item if isinstance(t, tensor))
         return total
 
+    def start_timer(self) -> None:
+        """Fire the plan's ``t=`` faults from a timer thread, from now on. Started where the
+        rank's own code begins: a fault due already (a rank slower to start than its ``t=``)
+        fires at once, and what it raises in the main thread lands in that code."""
+        if self.counter.next_time() is not None:
+            _start_timer(self)
+
     def on_time(self) -> None:
         for fault in self.counter.due_at(time.monotonic() - self.started):
             self.fire(fault, str(fault.resolved_at()), from_timer=True)
@@ -426,10 +433,11 @@ def _start_timer(firer: FaultFirer) -> None:
 
 
 def install_plan(plan, rank: int, world_size: int, events, started: float | None = None,
-                 count_without_faults: bool = False, oplog=None, nodes: int = 1) -> FaultFirer:
+                 count_without_faults: bool = False, oplog=None, nodes: int = 1, timer: bool = True) -> FaultFirer:
     """Install the plan's in-rank faults for ``rank`` in this process (and count its calls
     even when none is for this rank, with ``count_without_faults`` or an ``oplog``, the
-    ``rank/oplog.OpLog`` every counted call is written to)."""
+    ``rank/oplog.OpLog`` every counted call is written to). ``t=`` faults count from
+    ``started``; with ``timer=False`` their timer waits for ``FaultFirer.start_timer()``."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
@@ -442,8 +450,8 @@ def install_plan(plan, rank: int, world_size: int, events, started: float | None
         _count_calls((dist, c10d), name, firer)
     count_storage_calls(firer)
     steps.hook = functools.partial(firer.on_call, "step")
-    if firer.counter.next_time() is not None:
-        _start_timer(firer)
+    if timer:
+        firer.start_timer()
     return firer
 
 

@@ -91,8 +91,11 @@ def rank_main(job) -> int:
     if task.faults or task.oplog_path or task.nodes > 1:
         log = OpLog(task.oplog_path) if task.oplog_path else None
         firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log,
-                             nodes=task.nodes, count_without_faults=task.nodes > 1 or bool(task.links))
+                             nodes=task.nodes, count_without_faults=task.nodes > 1 or bool(task.links),
+                             timer=False)
     try:
+        if firer is not None:  # here: a t= crash_rank raises in the user's code, never before it
+            firer.start_timer()
         value = _call_user(task)
     except SystemExit as exc:  # the user's own exit: the process exits, no result
         if firer is not None and firer.oplog is not None:
