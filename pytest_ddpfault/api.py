@@ -2,27 +2,41 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
+import os
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.errors import SettingsError, UnfiredFaultWarning
+from pytest_ddpfault.errors import SettingsError, unfired_lines, user_frame, warn_unfired
 from pytest_ddpfault.results import GroupResult
-from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_nodes, check_timeout, check_world_size
+from pytest_ddpfault.settings import (
+    DEFAULT_TIMEOUT, check_allow_unfired, check_nodes, check_run_keywords, check_timeout, check_world_size, fault_typo,
+)
 
 _UNSET = object()
+_REPORTED_UNFIRED = 5   # runs with unfired faults shown in full by unfired_report (a property makes many)
+ALLOW_UNFIRED_HINT = ("Make the trigger come (an op the code reaches, pytest_ddpfault.step() in its loop), or allow "
+                      "it: @pytest.mark.ddp(..., allow_unfired=True) or ddp.run(..., allow_unfired=True)")
+
+
+def _given(**keywords) -> dict:
+    """The keywords the caller gave (not left at their default)."""
+    return {k: v for k, v in keywords.items() if v is not _UNSET}
 
 
 class DDP:
     """Runs functions in real process groups of ``world_size`` ranks.
 
     ``faults`` is the default plan (the marker's); ``run(..., faults=...)`` overrides it.
+    ``allow_unfired``: what a run whose plan had a fault that never fired does (each call may
+    override it): True warns (``UnfiredFaultWarning``); False records it for
+    ``unfired_report()``, which fails the test at the ``ddp`` fixture's teardown.
     """
 
     def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
                  backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
-                 preload: tuple = (), toxiproxy=None, slots=None, nodes: int = 1) -> None:
+                 preload: tuple = (), toxiproxy=None, slots=None, nodes: int = 1,
+                 allow_unfired: bool = True) -> None:
         self.world_size = check_world_size(world_size, "DDP(world_size=...)")
         self.nodes = check_nodes(nodes, world_size, "DDP(nodes=...)")
         self.faults: tuple = tuple(_faults.parse_plan(faults))
@@ -36,12 +50,23 @@ class DDP:
         self.slots = slots              # slots.ProcessSlots: a cap on rank processes across workers
         self.store_proxy = None         # the toxiproxy-python Proxy of the current/last proxied run
         self.results: list[GroupResult] = []
+        self.allow_unfired = check_allow_unfired(allow_unfired, "DDP(allow_unfired=...)")
+        self._unfired: list[tuple[str, object]] = []   # (which call, its result): unfired and not allowed
 
-    def run(self, fn: Callable, *args, faults=_UNSET, timeout=_UNSET, init: bool = False,
+    def run(self, fn: Callable, *args, faults=_UNSET, timeout=_UNSET, init=_UNSET, allow_unfired=_UNSET,
             **kwargs) -> GroupResult:
-        """Run ``fn(*args, **kwargs)`` once in each rank and wait for all of them."""
+        """Run ``fn(*args, **kwargs)`` once in each rank and wait for all of them.
+
+        ``init`` (default False): the harness calls ``init_process_group`` around ``fn``.
+        A keyword of the run's own that ``fn`` also takes, or ``fault=`` that ``fn`` does
+        not take, is refused before any rank starts (``SettingsError``).
+        """
         from pytest_ddpfault.parent.run import GroupRun, RunConfig
 
+        check_run_keywords(fn, args, kwargs, _given(faults=faults, timeout=timeout, init=init,
+                                                     allow_unfired=allow_unfired), "ddp.run")
+        allow = self._allow(allow_unfired, "ddp.run")
+        init = False if init is _UNSET else init
         plan = self.faults if faults is _UNSET else faults   # RunConfig checks it against the group
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
         config = RunConfig(world_size=self.world_size, nodes=self.nodes, faults=plan, timeout=limit, backend=self.backend,
@@ -51,15 +76,12 @@ class DDP:
         run.on_proxy = self._set_proxy
         result = run.run()
         self.results.append(result)
-        if result.unfired:
-            warnings.warn(UnfiredFaultWarning(
-                "these faults never fired, their trigger did not come:\n" + "\n".join(map(str, result.unfired))),
-                stacklevel=2)
+        self._settle_unfired(result, allow, "ddp.run")
         return result
 
     def torchrun(self, script_or_module, *args, nnodes: int = 1, nproc: int | None = None,
                  min_nodes: int | None = None, max_restarts: int = 0, faults=_UNSET, timeout=_UNSET,
-                 env: dict | None = None, rdzv_conf=None, **options):
+                 env: dict | None = None, rdzv_conf=None, allow_unfired=_UNSET, **options):
         """Run a script (``.py`` path) or module under torchrun with the plan in its
         environment (``DDPFAULT_PLAN``); see ``pytest_ddpfault.launchers.torchrun``.
 
@@ -68,10 +90,16 @@ class DDP:
         ``nproc`` workers each (default ``world_size // nnodes``), ``--nnodes=min_nodes:nnodes``
         (elastic when ``min_nodes < nnodes``) and a rendezvous endpoint the harness owns;
         ``rdzv_conf`` (a dict or ``"k=v,k=v"``) goes to ``--rdzv-conf``. ``faults`` and
-        ``timeout`` default to the marker's. Returns a ``TorchrunResult``.
+        ``timeout`` default to the marker's; ``allow_unfired`` as in ``run``. Returns a
+        ``TorchrunResult``.
         """
         from pytest_ddpfault.parent.run import SETUP_BUDGET
-        from pytest_ddpfault.launchers.torchrun import check_nnodes, run_torchrun
+        from pytest_ddpfault.launchers.torchrun import check_nnodes, launch_torchrun
+
+        if "fault" in options:
+            raise fault_typo("ddp.torchrun", options["fault"], "ddp.torchrun takes no 'fault' keyword (the "
+                             "script's own arguments go positionally)")
+        allow = self._allow(allow_unfired, "ddp.torchrun")
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         check_nnodes(nnodes, min_nodes)
@@ -84,12 +112,44 @@ class DDP:
             raise SettingsError(f"nproc={nproc} workers on each of nnodes={nnodes} nodes make {nproc * nnodes} "
                              f"workers, not world_size={self.world_size}: leave nproc out (world_size // nnodes)")
         with self._slots(nnodes * (nproc + 1), Deadline.after(SETUP_BUDGET)):  # the workers and the agents
-            result = run_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
-                                  faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
-                                  nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf,
-                                  **{"toxiproxy": self.toxiproxy, **options})
+            result = launch_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
+                                     faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
+                                     nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf,
+                                     **{"toxiproxy": self.toxiproxy, **options})
         self.results.append(result)
+        self._settle_unfired(result, allow, "ddp.torchrun")
         return result
+
+    def unfired_report(self) -> str | None:
+        """Why the test must fail, or None: the runs whose plan had faults that never fired
+        (where not allowed), each fault with the reason its trigger did not come. The ``ddp``
+        fixture's teardown fails the test with it."""
+        if not self._unfired:
+            return None
+        shown = self._unfired[:_REPORTED_UNFIRED]
+        lines = []
+        for call, result in shown:
+            n = len(result.unfired)
+            lines.append(f"{call}: {n} fault{'s' if n > 1 else ''} of its plan never fired (the test did not "
+                         f"test {'them' if n > 1 else 'it'}):")
+            lines += [f"  {line}" for line in unfired_lines(result.unfired)]
+        if len(self._unfired) > len(shown):
+            lines.append(f"...and {len(self._unfired) - len(shown)} more runs with faults that never fired")
+        return "\n".join(lines + [ALLOW_UNFIRED_HINT])
+
+    def _allow(self, value, call: str) -> bool:
+        return self.allow_unfired if value is _UNSET else check_allow_unfired(value, f"{call}(allow_unfired=...)")
+
+    def _settle_unfired(self, result, allow: bool, call: str) -> None:
+        """A run with faults that never fired: warn where allowed, else keep it for unfired_report."""
+        if not result.unfired:
+            return
+        if allow:
+            warn_unfired(result.unfired)
+            return
+        _, frame = user_frame()
+        where = f" at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else ""
+        self._unfired.append((f"{call} (run {len(self.results)} of this test{where})", result))
 
     def _slots(self, n: int, deadline: Deadline):
         return self.slots.hold(n, deadline) if self.slots is not None else contextlib.nullcontext()

@@ -11,6 +11,10 @@ Every message names the bad value, where it came from, and what is allowed.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = ["FaultSpecError", "HarnessError", "HarnessWarning", "SettingsError", "TorchrunError",
            "UnfiredFaultWarning"]
 
@@ -37,3 +41,29 @@ class TorchrunError(RuntimeError):
 
 class UnfiredFaultWarning(UserWarning):
     """A run ended before some faults of its plan fired: their trigger never came."""
+
+
+def unfired_lines(unfired) -> list[str]:
+    """One line per ``UnfiredFault``: ``<spec>[ in attempt N] never fired: <why>``."""
+    return [f"{u.spec}{'' if u.attempt is None else f' in attempt {u.attempt}'} never fired: {u.reason}"
+            for u in unfired]
+
+
+def user_frame():
+    """``(up, frame)``: the innermost frame outside this package (the user's line that called
+    in), ``up`` frames above the caller of ``user_frame``; frame None if there is none."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    up, frame = 0, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        up, frame = up + 1, frame.f_back
+    return up, frame
+
+
+def warn_unfired(unfired) -> None:
+    """``UnfiredFaultWarning`` for a run's unfired faults, attributed to the user's line
+    that started the run; nothing if every fault fired."""
+    if not unfired:
+        return
+    up, _ = user_frame()
+    warnings.warn(UnfiredFaultWarning("these faults never fired, their trigger did not come:\n"
+                                      + "\n".join(unfired_lines(unfired))), stacklevel=up + 1)

@@ -210,7 +210,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def ddp(request: pytest.FixtureRequest):
     """Runs functions in a real gloo group: ``ddp.run(fn, *args, **kwargs) -> GroupResult``.
 
-    Configured by ``@pytest.mark.ddp(...)``; without it: world_size=2, no fault.
+    Configured by ``@pytest.mark.ddp(...)``; without it: world_size=2, no fault. A run whose
+    plan had a fault that never fired fails the test here, at teardown (after the body's own
+    asserts), unless allowed (``allow_unfired=True`` on the marker or the call).
     """
     from pytest_ddpfault.api import DDP
 
@@ -218,9 +220,13 @@ def ddp(request: pytest.FixtureRequest):
     ms = request.node.stash.get(_marker_key, None) or marker_settings((), {}, settings)
     runner = DDP(world_size=ms.world_size, nodes=ms.nodes, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
                  proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
-                 toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key])
+                 toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key],
+                 allow_unfired=ms.allow_unfired)
     request.node.stash[_results_key] = runner.results
-    return runner
+    yield runner
+    unfired = runner.unfired_report()
+    if unfired is not None:
+        pytest.fail(unfired, pytrace=False)
 
 
 def _toxiproxy_factory(request: pytest.FixtureRequest):

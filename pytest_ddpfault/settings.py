@@ -17,8 +17,9 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_KEEP_WARM_IDLE = 600.0
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 DEFAULT_WORLD_SIZE = 2
-MARKER_SIGNATURE = "ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False)"
-MARKER_KEYS = ("world_size", "nodes", "fault", "timeout", "backend", "proxy")
+MARKER_SIGNATURE = ("ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False, "
+                    "allow_unfired=False)")
+MARKER_KEYS = ("world_size", "nodes", "fault", "timeout", "backend", "proxy", "allow_unfired")
 
 
 def check_timeout(value, source: str) -> float:
@@ -112,6 +113,7 @@ class MarkerSettings:
     backend: str = "gloo"
     proxy: bool = False
     nodes: int = 1
+    allow_unfired: bool = False   # a fault that never fired only warns (else the test fails at teardown)
 
 
 def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> MarkerSettings:
@@ -137,9 +139,64 @@ def marker_settings(args: tuple, kwargs: dict, session: SessionSettings) -> Mark
     proxy = values.get("proxy", False)
     if not isinstance(proxy, bool):
         raise SettingsError(f"proxy {proxy!r} from marker: must be True or False")
+    allow_unfired = check_allow_unfired(values.get("allow_unfired", False), "marker")
     try:
         plan = _faults.parse_plan(values.get("fault"))
         _faults.validate_plan(plan, world_size, nodes)
     except _faults.FaultSpecError as exc:
         raise SettingsError(f"fault {values.get('fault')!r} from marker: {exc}") from None
-    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy, nodes)
+    return MarkerSettings(world_size, tuple(plan), timeout, backend, proxy, nodes, allow_unfired)
+
+
+def check_allow_unfired(value, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"allow_unfired {value!r} from {source}: must be True (a fault that never fired "
+                            f"only warns) or False (it fails the test)")
+    return value
+
+
+def check_run_keywords(fn, args: tuple, kwargs: dict, harness: dict, source: str) -> None:
+    """Refuse a run whose keywords would not reach ``fn``, before any rank starts.
+
+    ``harness``: the run's own keywords the caller gave (name -> value), which the harness
+    takes; where ``fn`` also takes one of them by keyword (and neither ``args`` nor a
+    ``functools.partial`` already gives it), ``fn`` would silently get its default.
+    ``fault=`` in ``kwargs`` where ``fn`` takes no ``fault`` (a typo of ``faults=``) would make
+    every rank raise ``TypeError``. Both are a ``SettingsError`` naming the way out. ``fn``
+    whose signature cannot be read (some builtins) is let through. ``source`` names the call
+    (``"ddp.run"``)."""
+    import functools
+    import inspect
+
+    bound_by_partial: set = set()
+    inner = fn
+    while isinstance(inner, functools.partial):
+        bound_by_partial.update(inner.keywords)
+        inner = inner.func
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    by_keyword = {name for name, p in params.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    try:  # a parameter the positional arguments already fill is not lost
+        given = set(sig.bind_partial(*args).arguments)
+    except TypeError:
+        given = set()
+    name = getattr(inner, "__name__", None) or repr(inner)
+    for key, value in harness.items():
+        if key in by_keyword and key not in bound_by_partial and key not in given:
+            raise SettingsError(
+                f"{source}({key}={value!r}): {name}() takes a parameter {key!r} too, but {key}= is "
+                f"{source}'s own and would never reach it ({name} would get its default). To give it to "
+                f"{name}: {source}(functools.partial({name}, {key}={value!r}), ...); to keep both, bind "
+                f"{name}'s with functools.partial and pass {source}'s {key}= beside it")
+    if "fault" in kwargs and "fault" not in by_keyword \
+            and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise fault_typo(source, kwargs["fault"], f"{name}() takes no parameter 'fault'")
+
+
+def fault_typo(source: str, value, why: str) -> SettingsError:
+    """The error for ``fault=`` given to a run that takes ``faults=`` (the plan)."""
+    return SettingsError(f"{source}(fault={value!r}): {why}; did you mean faults= (the run's fault plan)?")

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-MARKER_LINE = "@pytest.mark.ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False)"
+MARKER_LINE = ("@pytest.mark.ddp(world_size, nodes=1, fault=None, timeout=60.0, backend='gloo', proxy=False, "
+               "allow_unfired=False)")
 
 ALLREDUCE = '''
 import os

@@ -55,7 +55,7 @@ from pytest_ddpfault.links import scopes
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
 from pytest_ddpfault.procfs import state as process_state
-from pytest_ddpfault.errors import HarnessWarning, SettingsError, TorchrunError
+from pytest_ddpfault.errors import HarnessWarning, SettingsError, TorchrunError, warn_unfired
 from pytest_ddpfault.parent.reaping import (
     CLEANUP_BUDGET, STACK_DUMP_BUDGET, kill_and_wait, kill_with_group, read_tail, short_tmp, signal_group, signal_pid,
     wait_for_stacks,
@@ -70,7 +70,7 @@ from pytest_ddpfault.links import node_address
 from pytest_ddpfault.settings import DEFAULT_TIMEOUT, check_timeout
 
 __all__ = ["AttemptFaultEvent", "NodeResult", "TorchrunError", "TorchrunResult", "UnfiredFault", "WorkerResult",
-           "check_nnodes", "run_script", "run_torchrun"]
+           "check_nnodes", "launch_torchrun", "run_script", "run_torchrun"]
 
 _PAUSE = 0.02               # the longest a deadline-bounded wait blocks before looking again
 _WATCH = 0.05               # how often a run's events and frozen workers are looked at
@@ -97,14 +97,23 @@ _EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)(?::\s*(.*))?")
 
 # --- entry points --------------------------------------------------------------------------
 
-def run_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
-                 faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
-                 cwd: str | os.PathLike | None = None, torchrun_args: tuple = (), nnodes: int = 1,
-                 min_nodes: int | None = None, rdzv_conf=None, toxiproxy=None) -> TorchrunResult:
+def run_torchrun(script_or_module: str | os.PathLike, *args, **options) -> TorchrunResult:
     """Run ``script_or_module`` (a ``.py`` path, else a module name) under
     ``python -m torch.distributed.run --standalone --nproc-per-node=nproc``, with the plan;
     with ``nnodes > 1``, under one agent per virtual node (``nproc`` workers each).
-    ``toxiproxy``: where scoped network faults find Toxiproxy (as ``run_group``'s)."""
+    ``toxiproxy``: where scoped network faults find Toxiproxy (as ``run_group``'s).
+    Options as ``launch_torchrun``'s; faults of the plan that never fired are in the result's
+    ``.unfired`` and warned of (``UnfiredFaultWarning``)."""
+    res = launch_torchrun(script_or_module, *args, **options)
+    warn_unfired(res.unfired)
+    return res
+
+
+def launch_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
+                    faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
+                    cwd: str | os.PathLike | None = None, torchrun_args: tuple = (), nnodes: int = 1,
+                    min_nodes: int | None = None, rdzv_conf=None, toxiproxy=None) -> TorchrunResult:
+    """``run_torchrun`` without the warning of unfired faults (``ddp.torchrun`` settles them)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise SettingsError(f"nproc must be a whole number >= 1, got {nproc!r}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -161,13 +170,16 @@ def run_script(script_or_module: str | os.PathLike, *args, faults=None, timeout:
                attempt: int | None = None) -> TorchrunResult:
     """Run ``python script.py *args`` (or ``python -m module``) with the plan in its
     environment: every Python process it starts (``mp.spawn``...) arms itself.
-    ``attempt`` sets ``DDPFAULT_ATTEMPT``."""
+    ``attempt`` sets ``DDPFAULT_ATTEMPT``. Faults of the plan that never fired are in the
+    result's ``.unfired`` and warned of (``UnfiredFaultWarning``)."""
     plan = env_plan.validate_env_plan(faults)
     target, is_module = _target(script_or_module)
     extra = {} if attempt is None else {env_plan.ENV_ATTEMPT: str(attempt)}
     run = _LaunchRun(plan, timeout, {**extra, **(env or {})}, cwd)
     agent = _Agent(None, [sys.executable, *(["-m"] if is_module else []), target, *map(str, args)])
-    return run.run(lambda: [agent], 0)
+    res = run.run(lambda: [agent], 0)
+    warn_unfired(res.unfired)
+    return res
 
 
 def _target(script_or_module) -> tuple[str, bool]:

@@ -35,7 +35,7 @@ from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.parent.shipping import dumps_call
 from pytest_ddpfault.rank.bootstrap import ChildJob
 from pytest_ddpfault.rank.hooks import NODE_ADDR_ENV
-from pytest_ddpfault.errors import HarnessError, HarnessWarning
+from pytest_ddpfault.errors import HarnessError, HarnessWarning, warn_unfired
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
 from pytest_ddpfault.parent.reaping import CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, wait_for_stacks
 from pytest_ddpfault.rank.oplog import read_oplog
@@ -555,11 +555,15 @@ def run_group(fn: Callable, *args, world_size: int = 2, nodes: int = 1, faults=N
               init: bool = False, backend: str = "gloo", proxy: bool = False,
               start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
               toxiproxy=None, oplog: bool = True, **kwargs) -> GroupResult:
-    """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them."""
+    """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them.
+    Faults of the plan that never fired are in the result's ``.unfired`` and warned of
+    (``UnfiredFaultWarning``)."""
     check_world_size(world_size, "run_group(world_size=...)")
     check_timeout(timeout, "run_group(timeout=...)")
     check_nodes(nodes, world_size, "run_group(nodes=...)")
     config = RunConfig(world_size=world_size, nodes=nodes, faults=faults, timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
                        preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy, oplog=oplog)
-    return GroupRun(fn, args, kwargs, config).run()
+    result = GroupRun(fn, args, kwargs, config).run()
+    warn_unfired(result.unfired)
+    return result
