@@ -230,6 +230,7 @@ _LEGEND = {
     "hung": ('<path d="M6,2 h3 v10 h-3 z M12,2 h3 v10 h-3 z" fill="#37474f"/>', "hung to the harness's deadline"),
 }
 _LANE_H, _BAR_H, _STRIP_H, _LABEL_W, _PLOT_W, _TOP = 50, 18, 13, 190, 960, 30
+_PLOT_END = _LABEL_W + _PLOT_W   # the plot's right edge; long lane labels take from its left
 _ROW_H = _STRIP_H + 1   # a lane's strip grows a row for each fault that overlaps another in time
 
 
@@ -271,7 +272,7 @@ def _place_labels(own: list[dict], rows: list[int], x) -> list[dict]:
         width = len(m["label"]) * 6.2
         if m["t1"] is None:
             at = x(m["t0"])
-            before = at + 9 + width > _LABEL_W + _PLOT_W
+            before = at + 9 + width > _PLOT_END
             left = at - 9 - width if before else at + 9
             placed.append({"x": -9 if before else 9, "anchor": "end" if before else "start", "left": left,
                            "right": left + width, "outside": True, "row": row})
@@ -305,19 +306,22 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
     """Write the page; returns its path."""
     path = os.fspath(path)
     span = _span(model)
-    x = lambda t: _LABEL_W + max(0.0, t) / span * _PLOT_W  # noqa: E731
     e = html.escape
     lanes = model["lanes"]
+    # the labels' column: as wide as the longest (monospace 12 px: about 7.3 px a character)
+    label_w = max([_LABEL_W] + [round(len(f'{lane["label"]}* {lane["status"]}') * 7.3 + 14) for lane in lanes])
+    plot_w = _PLOT_END - label_w
+    x = lambda t: label_w + max(0.0, t) / span * plot_w  # noqa: E731
     marks = fault_marks(model)
     drawn: set[str] = set()
     own_marks = [[m for m in marks if m["lane"] == i] for i in range(len(lanes))]
     strip_rows = [_strip_rows(own) for own in own_marks]
     lane_h = [_LANE_H + (max(rows, default=0)) * _ROW_H for rows in strip_rows]
     height = _TOP + sum(lane_h) + 8
-    svg = [f'<svg id="lanes" xmlns="http://www.w3.org/2000/svg" width="{_LABEL_W + _PLOT_W + 24}" '
+    svg = [f'<svg id="lanes" xmlns="http://www.w3.org/2000/svg" width="{_PLOT_END + 24}" '
            f'height="{height}" role="img" aria-label="{e(title)}" data-span="{span:.6f}" '
-           f'data-plot-x="{_LABEL_W}" data-plot-w="{_PLOT_W}">',
-           f'<defs><clipPath id="plot-clip"><rect x="{_LABEL_W}" y="0" width="{_PLOT_W}" '
+           f'data-plot-x="{label_w}" data-plot-w="{plot_w}">',
+           f'<defs><clipPath id="plot-clip"><rect x="{label_w}" y="0" width="{plot_w}" '
            f'height="{height}"/></clipPath></defs>',
            f'<g id="axis" data-y0="{_TOP - 4}" data-y1="{height - 6}">']
     for t, text in ticks(0.0, span):
@@ -334,12 +338,12 @@ def write_html(path, model: dict, title: str = "ddp run") -> str:
         svg.append(f'<g class="lane status-{e(lane["status"])}" id="lane-{i}" data-rank="{lane["rank"]}" '
                    f'data-attempt="{"" if lane["attempt"] is None else lane["attempt"]}" data-status="{e(lane["status"])}">')
         if lane["attempt"] is not None and lane["attempt"] != previous_attempt and i:
-            svg.append(f'<line class="attempt-sep" x1="0" y1="{y}" x2="{_LABEL_W + _PLOT_W}" y2="{y}"/>')
+            svg.append(f'<line class="attempt-sep" x1="0" y1="{y}" x2="{_PLOT_END}" y2="{y}"/>')
         previous_attempt = lane["attempt"]
         star = "*" if lane["faulted"] else ""
         svg.append(f'<text class="lane-label" x="6" y="{mid + 4}">{e(lane["label"])}{star} '
                    f'<tspan fill="{colour}">{e(lane["status"])}</tspan><title>{e(_end_text(lane))}</title></text>')
-        svg.append(f'<rect class="lane-bg" x="{_LABEL_W}" y="{y + 2}" width="{_PLOT_W}" height="{lane_height - 4}"/>')
+        svg.append(f'<rect class="lane-bg" x="{label_w}" y="{y + 2}" width="{plot_w}" height="{lane_height - 4}"/>')
         svg.append('<g class="plot" clip-path="url(#plot-clip)">')
         for m in own:  # the tint of what a fault did, behind the ops
             if m["t1"] is not None:
