@@ -291,7 +291,7 @@ def _target_params(kind: str, world_size: int, nodes: int, targets: _Targets, re
             # unset (the kind's default rank) is simplest, where that rank is allowed
             default = definition.acting_rank(Fault(kind), world_size, nodes)
             (optional if default in ranks else required)["rank"] = st.sampled_from(ranks)
-    if "node" in definition.keys:
+    if "node" in definition.keys and not definition.takes_rank:  # one that takes both (misconfig): by rank
         per_node = world_size // nodes
         node_list = tuple(n for n in targets.node_list if lands(n * per_node))
         if not node_list:

@@ -51,7 +51,8 @@ FULL_SPECS = {
     "reset_peer": "reset_peer(timeout=50, toxicity=0.25)",
     "slow_close": "slow_close(delay=300)",
     "limit_data": "limit_data(bytes=1024, duration=0.1)",
-    "partition": "partition(ranks=(2, 3), rank=3, at=step#3, mode=reject, duration=1.5)",
+    "partition": "partition(ranks=(2, 3), rank=3, at=step#3, mode=reject, duration=1.5, plane=data)",
+    "misconfig": "misconfig(node=1, master_port=1)",
 }
 
 
@@ -185,6 +186,10 @@ _VALUES = {
     "fraction": st.floats(0, 1), "errno": st.sampled_from(["ENOSPC", "eio", "EROFS", "EDQUOT"]),
     "ranks": st.sets(st.integers(0, 64), min_size=1).map(tuple) | st.integers(0, 64) | st.just("(2, 3)"),
     "nodes": st.sets(st.integers(0, 8), min_size=1).map(sorted) | st.just("(1,)"),
+    "plane": st.sampled_from(["all", "store", "data"]),
+    "world_size": st.integers(1, 10**4),
+    "master_addr": st.sampled_from(["127.0.9.9", "127.255.0.1", "127.0.0.2"]),
+    "master_port": st.integers(1, 65535),
 }
 _KIND_VALUES = {("partition", "mode"): st.sampled_from(["drop", "reject", "DROP"])}
 
@@ -211,12 +216,20 @@ def faults(draw):
             params[key] = draw(_triggers(kind.trigger_forms) if key == "at" else values)
     if "exc" in params and "code" in params:  # crash_rank takes one of them
         del params[draw(st.sampled_from(["exc", "code"]))]
+    wrong = [k for k in ("world_size", "master_addr", "master_port") if k in params]
+    for key in wrong[1:]:  # misconfig sets one variable wrongly
+        del params[key]
+    if "rank" in params and "node" in params and "world_size" in kind.keys:  # misconfig: one rank or a node
+        del params[draw(st.sampled_from(["rank", "node"]))]
     if "ranks" in kind.keys:  # a network kind: a scope (one of two) decides what else it takes
         if "ranks" in params and "nodes" in params:
             del params[draw(st.sampled_from(["ranks", "nodes"]))]
         in_rank = "at" in params and Trigger.parse(params["at"]).kind in ("op", "step")
         if "ranks" in params or "nodes" in params:
             params.pop("stream", None)
+        else:
+            params.pop("plane", None)
+        if "ranks" in params or "nodes" in params:
             if not in_rank:
                 params.pop("rank", None)
         else:
@@ -407,13 +420,14 @@ def test_capabilities():
     network = ("bandwidth", "blackhole", "block_port", "latency", "limit_data", "partition", "reset_peer",
                "slow_close")
     assert kinds_with("targets_rank") == ("crash_rank", "hang_rank", "io_error", "kill_node", "kill_rank",
-                                          "torn_save")
+                                          "misconfig", "torn_save")
     # network kinds act in a rank too: a scoped one with an in-rank trigger (the harness does the rest)
     assert kinds_with("acts_in_rank") == tuple(sorted(("crash_rank", "delay", "hang_rank", "io_error", "kill_node",
                                                        "kill_rank", "slow_io", "torn_save", *network)))
     assert kinds_with("needs_harness") == tuple(sorted(("kill_node", *network)))
-    # kill_node counts in its node's first rank: it takes a node, not a rank
-    assert kinds_with("takes_rank") == tuple(k for k in kinds_with("acts_in_rank") if k != "kill_node")
+    # kill_node counts in its node's first rank: it takes a node, not a rank; misconfig (harness-side)
+    # takes the rank it starts wrongly
+    assert kinds_with("takes_rank") == tuple(sorted({*kinds_with("acts_in_rank"), "misconfig"} - {"kill_node"}))
     assert kinds_with("needs_proxy") == network
     assert kinds_with("is_toxic") == tuple(k for k in network if k not in ("block_port", "partition"))
     assert kinds_with("before_ranks") == ("port_collision",)

@@ -243,11 +243,15 @@ class RunControl(Protocol):
 
     store_proxy: Any        # the run's store proxy (toxiproxy client side), when it has one
     link_proxies: Any       # the proxies scoped faults act on (``of_fault(fault)``), when one is scoped
+    master_addr: str        # where the ranks find the store (MASTER_ADDR)
+    world_size: int
+    nodes: int
 
     def at(self, seconds_from_start: float, callback) -> None: ...
     def record(self, kind: str, rank: int | None, trigger: str, spec: str = "", detail: str = "") -> None: ...
     def host_store_in_rank0(self, port: int) -> None: ...
     def stop_store(self) -> None: ...
+    def override_env(self, ranks: list[int], env: dict[str, str]) -> None: ...
 
 
 class RunAction:
@@ -259,7 +263,6 @@ class RunAction:
     def before_ranks(self, setup) -> None:
         """Before the store starts (``setup`` is the set-up deadline)."""
 
-    master_addr: str        # where the ranks find the store (MASTER_ADDR)
     def before_launch(self) -> None:
         """The store (and its proxy) is up; the ranks are not started yet."""
 

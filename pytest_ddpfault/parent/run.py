@@ -126,6 +126,7 @@ class GroupRun:
         self.actions: list = []
         self.on_proxy: Callable | None = None  # told the run's store Proxy, when it has one
         self._instead: dict[int, dict] = {}    # rank -> {spec: what it did instead} for unfired faults
+        self._env_overrides: dict[int, dict] = {}  # rank -> what a misconfig fault changes in its env
 
     # -- public ---------------------------------------------------------------
     def run(self) -> GroupResult:
@@ -179,6 +180,19 @@ class GroupRun:
     def host_store_in_rank0(self, port: int) -> None:
         """No harness store: rank 0 hosts it on ``port``, as a plain env:// script does."""
         self.master_port, self.use_agent_store = port, False
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def nodes(self) -> int:
+        return self.config.nodes
+
+    def override_env(self, ranks: list[int], env: dict[str, str]) -> None:
+        """These ranks start with ``env`` over what the harness would give them."""
+        for rank in ranks:
+            self._env_overrides.setdefault(rank, {}).update(env)
 
     def stop_store(self) -> None:
         if self.store is not None and self.store.exit is None:
@@ -253,6 +267,7 @@ class GroupRun:
             env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
         else:
             env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        env.update(self._env_overrides.get(rank, {}))
         return env
 
     @property
