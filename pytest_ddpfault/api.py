@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Callable
 
 from pytest_ddpfault import faults as _faults
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.errors import SettingsError, unfired_lines, user_frame, warn_unfired
+from pytest_ddpfault.errors import SettingsError, TestTimeLimitPassed, unfired_lines, user_frame, warn_unfired
 from pytest_ddpfault.results import GroupResult
 from pytest_ddpfault.settings import (
     DEFAULT_TIMEOUT, check_allow_unfired, check_nodes, check_run_keywords, check_timeout, check_world_size, fault_typo,
@@ -63,6 +64,7 @@ class DDP:
         """
         from pytest_ddpfault.parent.run import GroupRun, RunConfig
 
+        self._check_test_limit("ddp.run")
         check_run_keywords(fn, args, kwargs, _given(faults=faults, timeout=timeout, init=init,
                                                      allow_unfired=allow_unfired), "ddp.run")
         allow = self._allow(allow_unfired, "ddp.run")
@@ -100,6 +102,7 @@ class DDP:
             raise fault_typo("ddp.torchrun", options["fault"], "ddp.torchrun takes no 'fault' keyword (the "
                              "script's own arguments go positionally)")
         allow = self._allow(allow_unfired, "ddp.torchrun")
+        self._check_test_limit("ddp.torchrun")
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         check_nnodes(nnodes, min_nodes)
@@ -136,6 +139,18 @@ class DDP:
         if len(self._unfired) > len(shown):
             lines.append(f"...and {len(self._unfired) - len(shown)} more runs with faults that never fired")
         return "\n".join(lines + [ALLOW_UNFIRED_HINT])
+
+    # () -> (monotonic end, seconds) of the test's pytest-timeout limit, or None (the fixture's)
+    test_limit: Callable | None = None
+
+    def _check_test_limit(self, call: str) -> None:
+        """Past the whole test's limit no run starts: pytest-timeout's signal method raised
+        in the run that was going on, and a caller that catches that (Hypothesis) must not
+        go on making runs until the last of its examples."""
+        limit = self.test_limit() if self.test_limit is not None else None
+        if limit is not None and time.monotonic() >= limit[0]:
+            raise TestTimeLimitPassed(f"{call}: this test's time limit ({limit[1]:g} s, pytest-timeout) has passed; "
+                                      "no more runs start")
 
     def _allow(self, value, call: str) -> bool:
         return self.allow_unfired if value is _UNSET else check_allow_unfired(value, f"{call}(allow_unfired=...)")

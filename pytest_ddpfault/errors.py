@@ -4,6 +4,8 @@
 - ``SettingsError``: a bad marker argument, option or ``run_group``/``ddp.run`` argument.
 - ``HarnessError``: the harness itself could not run the group (not a failure of user code).
 - ``TorchrunError``: a launched run (``ddp.torchrun``, ``run_script``) could not be started.
+- ``TestTimeLimitPassed``: the test's pytest-timeout limit has passed; ``ddp`` starts no
+  more runs (a BaseException, like pytest's own outcomes).
 - ``UnfiredFaultWarning``: a ``ddp.run`` ended with faults of its plan that never fired
   (a test that passes may pass for the wrong reason).
 
@@ -15,7 +17,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["FaultSpecError", "HarnessError", "HarnessWarning", "SettingsError", "TorchrunError",
+__all__ = ["FaultSpecError", "HarnessError", "HarnessWarning", "SettingsError", "TestTimeLimitPassed", "TorchrunError",
            "UnfiredFaultWarning"]
 
 
@@ -37,6 +39,15 @@ class HarnessWarning(UserWarning):
 
 class TorchrunError(RuntimeError):
     """The run could not be started (not a failure of the script)."""
+
+
+class TestTimeLimitPassed(BaseException):
+    """The whole test's time limit (pytest-timeout) has passed: ``ddp`` starts no more runs.
+
+    A BaseException, as pytest's own outcomes are: code that catches every ``Exception``
+    (Hypothesis, which would go on to shrink, each example a run) lets it through."""
+
+    __test__ = False  # not a test class, whatever its name
 
 
 class UnfiredFaultWarning(UserWarning):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -49,6 +50,7 @@ _final_runs_key = pytest.StashKey[list]()  # a hypothesis test: the runs of each
 _marker_error_key = pytest.StashKey[str]()
 _marker_key = pytest.StashKey["MarkerSettings"]()
 _slots_key = pytest.StashKey[object]()
+_test_limit_key = pytest.StashKey[tuple]()  # pytest-timeout's limit of the test: (monotonic end, seconds)
 _stopped_key = pytest.StashKey[list]()  # pids --ddp-keep-warm-stop stopped
 _keep_warm_key = pytest.StashKey[object]()  # the launcher's keep-warm setting before this session's
 _SLOTS_INPUT = "ddpfault_slots_dir"
@@ -189,6 +191,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(error, pytrace=False)
 
 
+@pytest.hookimpl(hookwrapper=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings):
+    """pytest-timeout's limit of the whole test (``@pytest.mark.timeout(N)``, ``--timeout``):
+    once it has passed, ``ddp`` starts no more runs (see ``DDP.test_limit``)."""
+    if settings.timeout:
+        item.stash[_test_limit_key] = (time.monotonic() + settings.timeout, settings.timeout)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True, optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item):
+    if _test_limit_key in item.stash:
+        del item.stash[_test_limit_key]
+    yield
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     bad = [item.stash[_marker_error_key] for item in session.items if _marker_error_key in item.stash]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -223,6 +241,7 @@ def ddp(request: pytest.FixtureRequest):
                  toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key],
                  allow_unfired=ms.allow_unfired)
     request.node.stash[_results_key] = runner.results
+    runner.test_limit = lambda: request.node.stash.get(_test_limit_key, None)
     yield runner
     unfired = runner.unfired_report()
     if unfired is not None:

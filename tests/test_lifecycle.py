@@ -99,14 +99,21 @@ def _still_alive(pids_started: dict[int, int]) -> list[int]:
     return [pid for pid, t in pids_started.items() if is_alive(pid, t)]
 
 
+def _run_files(run_tmp: str) -> list[str]:
+    return [n for n in os.listdir(run_tmp) if n.startswith(("ddpf-", "ddpfault-"))]
+
+
 def test_sigkill_of_the_harness_process_takes_zygote_and_ranks_along(group_script):
-    proc, zygote, run_pids, _, _ = group_script
+    proc, zygote, run_pids, _, run_tmp = group_script
     watched = {pid: start_time(pid) for pid in (zygote, *run_pids)}
     assert not any(t is None for t in watched.values())
+    assert _run_files(run_tmp), "the run has a directory and the zygote a log"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
     assert poll(lambda: not _still_alive(watched), GONE_WITHIN), (
         f"still alive {GONE_WITHIN}s after the harness process was killed: {_still_alive(watched)}")
+    # the zygote outlives it long enough to remove the run's directory and its own log
+    assert poll(lambda: not _run_files(run_tmp), GONE_WITHIN), _run_files(run_tmp)
 
 
 def test_ctrl_c_ends_the_run_promptly_and_cleans_up(group_script):
@@ -123,5 +130,4 @@ def test_ctrl_c_ends_the_run_promptly_and_cleans_up(group_script):
         f"still alive {GONE_WITHIN}s after Ctrl-C: {_still_alive(watched)}")
     # Ctrl-C runs the harness's clean-up: the run's directory and the zygote's log are gone.
     # (torch's own caches, such as torchinductor_<user>, may stay: they are not the run's)
-    left = [n for n in os.listdir(run_tmp) if n.startswith(("ddpf-", "ddpfault-"))]
-    assert left == []
+    assert _run_files(run_tmp) == []

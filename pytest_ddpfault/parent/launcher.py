@@ -12,7 +12,6 @@ import itertools
 import os
 import pickle
 import select
-import shutil
 import signal as _signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pytest_ddpfault import ipc
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.parent import warm
 from pytest_ddpfault.rank.bootstrap import ChildJob
+from pytest_ddpfault.tmpfiles import RUN_DIR_PREFIX, ZYGOTE_LOG_PREFIX, remove_owned  # noqa: F401
 
 # What DDP needs, imported once in the zygote: constructing DistributedDataParallel
 # lazily imports torch._dynamo (~800 modules, 2-4 s a rank otherwise).
@@ -45,33 +45,10 @@ ZYGOTE_START_TIMEOUT = 180.0  # importing torch on a loaded 2-core machine can t
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-ZYGOTE_LOG_PREFIX = "ddpfault-zygote-"
-RUN_DIR_PREFIX = "ddpf-"
-
-
 def sweep_stale_files(tmp: str | None = None) -> None:
     """Remove run dirs and zygote logs of processes that died without cleaning up
-    (a SIGKILLed pytest cannot): their names carry the owner's pid."""
-    tmp = tmp or tempfile.gettempdir()
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        return
-    for name in names:
-        for prefix in (RUN_DIR_PREFIX, ZYGOTE_LOG_PREFIX):
-            if not name.startswith(prefix):
-                continue
-            owner = name[len(prefix):].split("-", 1)[0]
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-                path = os.path.join(tmp, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    (a SIGKILLed pytest cannot, nor could its zygote): their names carry the owner's pid."""
+    remove_owned(lambda owner: not os.path.exists(f"/proc/{owner}"), tmp)
 
 
 class LauncherError(RuntimeError):

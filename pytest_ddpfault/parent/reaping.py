@@ -10,8 +10,10 @@ import os
 import select
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.procfs import start_ticks
@@ -62,6 +64,36 @@ def wait_for_stacks(live_stack_paths: Callable[[], Iterable[str]], until: Deadli
         if not pending:
             return
         pump()
+
+
+# Signals whose Python handler may raise in the middle of a wait: pytest-timeout's
+# (method=signal: pytest.fail from SIGALRM) and Ctrl-C's KeyboardInterrupt.
+RAISING_SIGNALS = (signal.SIGALRM, signal.SIGINT)
+
+
+@contextmanager
+def signals_held(signums: Iterable[int] = RAISING_SIGNALS):
+    """Hold back the Python handlers of ``signums`` for the block, then run each one that
+    came (in order): a step that must not stop half-way (starting processes whose pids are
+    not known yet, the clean-up that kills them) finishes first, inside its own budget.
+    Only the main thread has Python signal handlers: elsewhere, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[tuple] = []
+    held = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if callable(handler):  # SIG_DFL, SIG_IGN and C handlers stay as they are
+            held[signum] = handler
+            signal.signal(signum, lambda n, frame: came.append((n, frame)))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum, frame in came:
+            held[signum](signum, frame)
 
 
 def signal_pid(pid: int, sig: int) -> None:

@@ -37,7 +37,8 @@ from pytest_ddpfault.rank.bootstrap import ChildJob
 from pytest_ddpfault.rank.hooks import NODE_ADDR_ENV
 from pytest_ddpfault.errors import HarnessError, HarnessWarning, warn_unfired
 from pytest_ddpfault.parent.launcher import RUN_DIR_PREFIX, get_launcher
-from pytest_ddpfault.parent.reaping import CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, wait_for_stacks
+from pytest_ddpfault.parent.reaping import (CLEANUP_BUDGET, STACK_DUMP_BUDGET, read_tail, short_tmp, signals_held,
+                                            wait_for_stacks)
 from pytest_ddpfault.rank.oplog import read_oplog
 from pytest_ddpfault.results import FaultEvent, GroupResult, RankResult, UnfiredFault, ops_from_log
 from pytest_ddpfault.settings import check_nodes, check_timeout, check_world_size, node_address
@@ -209,9 +210,10 @@ class GroupRun:
                 "timeout": max(self.config.timeout, 1.0), "host": self.master_addr}
         job = ChildJob("store host", "pytest_ddpfault.rank.store_host:store_main", pickle.dumps(opts),
                        self._base_env(), os.getcwd(), list(_sys_path()), p["out"], p["err"], p["stack"])
-        [(pid, started)] = self.launcher.launch_many([job], setup)
-        self.store = _Proc("store host", pid, started, p["out"], p["err"], p["stack"])
-        self.by_pid[pid] = self.store
+        with signals_held():  # a process started is a process the clean-up knows
+            [(pid, started)] = self.launcher.launch_many([job], setup)
+            self.store = _Proc("store host", pid, started, p["out"], p["err"], p["stack"])
+            self.by_pid[pid] = self.store
         while self._store_port is None:
             if setup.expired():
                 raise HarnessError(f"the store host did not start in time{self._output_of(self.store)}")
@@ -301,12 +303,13 @@ class GroupRun:
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
                                  p["out"], p["err"], p["stack"]))
             paths.append(p)
-        started = self.launcher.launch_many(jobs, setup)
-        for rank, ((pid, t), p) in enumerate(zip(started, paths)):
-            proc = _Proc(f"rank {rank}", pid, t, p["out"], p["err"], p["stack"], p["result"], rank,
-                         oplog_path=p["ops"] if self.config.oplog else "")
-            self.ranks.append(proc)
-            self.by_pid[pid] = proc
+        with signals_held():  # a process started is a process the clean-up knows
+            started = self.launcher.launch_many(jobs, setup)
+            for rank, ((pid, t), p) in enumerate(zip(started, paths)):
+                proc = _Proc(f"rank {rank}", pid, t, p["out"], p["err"], p["stack"], p["result"], rank,
+                             oplog_path=p["ops"] if self.config.oplog else "")
+                self.ranks.append(proc)
+                self.by_pid[pid] = proc
         # The run's clock starts as its first rank is started (the zygote's start is not in it):
         # no rank's t= trigger, counted from its own start, comes before its time on this clock.
         self.start = min(t for _, t in started)
@@ -530,7 +533,13 @@ class GroupRun:
 
     # -- clean-up ---------------------------------------------------------------
     def _cleanup(self) -> None:
-        """Every step runs even if an earlier one raised; the first error is raised last."""
+        """Every step runs even if an earlier one raised; the first error is raised last.
+        A signal whose handler raises (pytest-timeout's SIGALRM, Ctrl-C) waits until the
+        clean-up, bounded by its budget, is done: no rank, proxy or run dir is left."""
+        with signals_held():
+            self._cleanup_steps()
+
+    def _cleanup_steps(self) -> None:
         steps = [self._kill_leftovers, *(action.cleanup for action in self.actions)]
         if self.store_proxy is not None:
             steps.append(lambda: self.store_proxy.close(self.cleanup_deadline()))
@@ -544,7 +553,7 @@ class GroupRun:
         for step in steps:
             try:
                 step()
-            except Exception as exc:  # not BaseException: Ctrl-C still stops the clean-up
+            except BaseException as exc:  # the next steps still run
                 first = first or exc
         if first is not None:
             raise first

@@ -41,18 +41,18 @@ class ChildJob:
     started: float = 0.0
 
 
-def set_parent_death_signal() -> None:
-    """SIGKILL this process when its parent dies (Linux; elsewhere, a no-op)."""
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """``sig`` (SIGKILL) to this process when its parent dies (Linux; elsewhere, a no-op)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the parent's own clean-up still applies
         pass
 
 
-def die_with_parent(expected_parent: int) -> None:
-    """SIGKILL this process when its parent dies; exit now if it already has."""
-    set_parent_death_signal()
+def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    """``sig`` (SIGKILL) to this process when its parent dies; exit now if it already has."""
+    set_parent_death_signal(sig)
     if os.getppid() != expected_parent:  # the parent died before prctl took effect
         os._exit(BOOTSTRAP_FAILED)
 

@@ -16,14 +16,16 @@ not reaped, a signal can never hit a recycled pid.
 Two ways to run it:
 
 - per pytest process (``python -m pytest_ddpfault.rank.zygote SOCKFD PARENTPID MODULE...``):
-  one client on an inherited socket; it dies with that parent (PDEATHSIG) and when the
-  client goes;
+  one client on an inherited socket; it ends with that parent (PDEATHSIG, SIGTERM) and when
+  the client goes. If that process died (SIGKILL, or ``os._exit`` as pytest-timeout's thread
+  method ends a test), the zygote removes the run dirs and log it left (``tmpfiles``);
 - kept warm (``python -m pytest_ddpfault.rank.zygote --serve DIR KEY IDLE MODULE...``,
   ``--ddp-keep-warm``): a daemon on a Unix socket ``DIR/KEY.sock`` in a directory only its
   user can enter, serving any number of clients (later pytest runs, xdist workers) of that
   user. It owns ``DIR/KEY.lock`` (flock) while it serves, so two never serve one key. A
-  client's ranks die when that client's connection closes (it died, or it is done); the
-  ranks die with the zygote (PDEATHSIG). A client first says ``("hello", {"key"})`` and gets
+  client's ranks die when that client's connection closes (it died, or it is done), and
+  the temp files of a client that died go once it is gone; the ranks die with the zygote
+  (PDEATHSIG). A client first says ``("hello", {"key"})`` and gets
   ``("ready", {...})``, or ``("stale", {"reason"})`` once a file the zygote imported changed
   on disk: it then takes no more clients (its socket's name and lock go to a successor)
   and leaves as soon as it has none. It also leaves after ``IDLE`` seconds without a
@@ -44,12 +46,15 @@ import time
 import traceback
 
 from pytest_ddpfault import ipc
+from pytest_ddpfault.procfs import start_ticks
 from pytest_ddpfault.rank.bootstrap import die_with_parent, run_job
+from pytest_ddpfault.tmpfiles import remove_owned
 
 STALE_CHECK_EVERY = 2.0   # seconds between checks of the imported files while serving
 SEND_TIMEOUT = 10.0       # a client that reads nothing for this long is dropped (its ranks killed)
 # Exit codes of a kept-warm zygote's start.
 EXIT_BUSY = 3             # another zygote owns the key
+PARENT_EXIT_WAIT = 2.0    # a client that closed its socket without "shutdown": how long to wait for its end
 _PEERCRED = struct.Struct("3i")
 
 
@@ -68,6 +73,8 @@ class _Client:
         self.live: set[int] = set()
         self.greeted = False
         self.handlers: dict = {}
+        self.pid: int | None = None           # a kept-warm zygote's client: its process (SO_PEERCRED)
+        self.ticks: int | None = None         # and that process's start time
 
 
 class ImportedFiles:
@@ -106,6 +113,9 @@ class Zygote:
         self.handlers = {"spawn": self.spawn, "signal": self.signal}  # and "shutdown"
         self.extra: dict = {}                 # handled before the rest (a kept-warm zygote's hello)
         self.needs_hello = False              # spawn and signal only after a hello
+        self.shutdown_asked = False           # a client said "shutdown" (it did not die)
+        self.leaving = False                  # set by a signal: serve() returns
+        self.departed: dict[int, tuple] = {}  # client pid -> (start ticks, left at): see remove_leftovers
         if sock is not None:
             self._add_client(sock, "the harness")
 
@@ -195,6 +205,8 @@ class Zygote:
         """The client is gone (or done): kill its children, forget it."""
         for pid in list(client.live):
             _killpg(pid)
+        if client.pid is not None and client.sock in self.clients:
+            self.departed[client.pid] = (client.ticks, time.monotonic())
         if client.sock in self.clients:
             del self.clients[client.sock]
             self.sel.unregister(client.sock)
@@ -218,6 +230,7 @@ class Zygote:
         for msg in frames:
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "shutdown":
+                self.shutdown_asked = True
                 self.drop(client)
                 return not self.single
             if kind in self.extra:
@@ -248,7 +261,7 @@ class Zygote:
         self.private_fds += [wake_r, wake_w]
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         try:
-            while True:
+            while not self.leaving:
                 for key, _ in self.sel.select(None if tick is None else STALE_CHECK_EVERY):
                     if key.data == "wake":
                         try:
@@ -277,7 +290,20 @@ class Zygote:
             return
         sock.setblocking(True)
         sock.settimeout(SEND_TIMEOUT)
-        self._add_client(sock, f"client pid {pid}")
+        client = self._add_client(sock, f"client pid {pid}")
+        client.pid, client.ticks = pid, start_ticks(pid)
+
+    def remove_leftovers(self, keep_watching: float = 60.0) -> None:
+        """Remove the temp files of clients whose process has ended since they left (it died
+        without cleaning up: SIGKILL, ``os._exit``); forget one still alive after
+        ``keep_watching`` seconds (it closed the connection and cleans up itself)."""
+        now = time.monotonic()
+        for pid, (ticks, left) in list(self.departed.items()):
+            if start_ticks(pid) != ticks:  # gone, a zombie, or the pid is another process's now
+                remove_owned(lambda owner: owner == pid)
+            elif now - left < keep_watching:
+                continue
+            del self.departed[pid]
 
 
 def _killpg(pid: int) -> None:
@@ -305,17 +331,44 @@ def main(argv=None) -> None:
     if argv and argv[0] == "--serve":
         return serve_warm(argv[1], argv[2], float(argv[3]), argv[4:])
     fd, parent, preload = int(argv[0]), int(argv[1]), argv[2:]
-    die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
     sock = socket.socket(fileno=fd)
-    errors, seconds = _preload(preload)
     zygote = Zygote(sock)
-    ipc.send_frame(sock, "ready", pid=os.getpid(), preload_seconds=seconds, errors=errors, threads=_thread_count())
+    # SIGTERM, not SIGKILL: on the parent's death this zygote still kills its ranks and
+    # removes what the parent could not (the handler raises nothing: the loop sees it)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(zygote, "leaving", True))
+    die_with_parent(parent, signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
     try:
+        errors, seconds = _preload(preload)
+        ipc.send_frame(sock, "ready", pid=os.getpid(), preload_seconds=seconds, errors=errors,
+                       threads=_thread_count())
         zygote.serve()
     except (BrokenPipeError, ConnectionResetError):
         pass
-    os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        zygote.kill_all()
+        if not zygote.shutdown_asked and _gone(parent, PARENT_EXIT_WAIT):
+            remove_owned(lambda owner: owner == parent)
+        os._exit(0)
+
+
+def _gone(pid: int, wait: float) -> bool:
+    """Whether process ``pid`` has ended (or ends within ``wait`` seconds)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (old kernel): only what /proc says now
+        return start_ticks(pid) is None
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)  # a pidfd is readable once its process ended
+        return bool(sel.select(wait))
+    finally:
+        sel.close()
+        os.close(fd)
 
 
 # -- kept warm ----------------------------------------------------------------------------
@@ -389,6 +442,7 @@ class WarmZygote(Zygote):
 
     def tick(self):
         now = time.monotonic()
+        self.remove_leftovers()
         if self.clients:
             self.idle_since = now
         if self.stale is None and now >= self.next_check:
