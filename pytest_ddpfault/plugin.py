@@ -241,6 +241,7 @@ def ddp(request: pytest.FixtureRequest):
                  toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key],
                  allow_unfired=ms.allow_unfired)
     request.node.stash[_results_key] = runner.results
+    runner.max_procs = settings.max_procs   # a sweep's side-by-side runs fit in --ddp-max-procs
     runner.test_limit = lambda: request.node.stash.get(_test_limit_key, None)
     yield runner
     unfired = runner.unfired_report()

@@ -169,6 +169,7 @@ class SweepResult:
     lanes: int = 1                      # runs side by side
     nodes: int = 1
     compare: Callable = field(default=None, repr=False)   # how values were compared (default same_value)
+    reference_seconds: float = 0.0      # wall seconds of the reference run, set-up and clean-up included
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -199,7 +200,7 @@ class SweepResult:
         ran = f"{len(self.runs)} runs" if len(self.runs) == self.planned else \
             f"{len(self.runs)} runs of {self.planned} (max_runs={self.max_runs}: an even spread of the points)"
         return (f"sweep of {self.fn} ({self.world_size} ranks): {ran}, {counts or 'nothing ran'}; "
-                f"{self.duration:.1f}s, reference {self.reference.duration:.2f}s, {self.lanes} side by side")
+                f"{self.duration:.1f}s, the reference run {self.reference_seconds:.2f}s of it, {self.lanes} side by side")
 
     def table(self) -> str:
         """Points down, kind x target across, one letter per cell, and a legend."""
@@ -516,7 +517,9 @@ def judge(result: GroupResult, reference: GroupResult, compare: Callable[[Any, A
             diff = first_difference(ref, r.value) if compare is same_value else None
             where = f" at {diff[0]}" if diff and diff[0] else ""
             shown = (diff[1], diff[2]) if diff else (ref, r.value)
-            return "wrong", f"rank {r.rank} returned {_short(shown[1])}{where}, the reference {_short(shown[0])}"
+            limit = 80 if diff else 240   # a compare of its own: the whole values, it knows what differs
+            return "wrong", (f"rank {r.rank} returned {_short(shown[1], limit)}{where}, "
+                             f"the reference {_short(shown[0], limit)}")
     for r in judged:
         if r.status == "hung":
             return "hung", f"rank {r.rank}: {r.detail()}"
@@ -595,6 +598,7 @@ def sweep(fn: Callable, args: tuple, kwargs: dict, config, *, kinds=("kill_rank"
     name = getattr(fn, "__qualname__", None) or repr(fn)
 
     reference = _run_one(fn, args, kwargs, dataclasses.replace(config, faults=()))
+    reference_seconds = time.monotonic() - started
     if not reference.ok:
         raise SweepError(f"the reference run of {name} (no fault) did not return in every rank, so there is "
                          f"nothing to judge the sweep's runs by:\n{reference.report()}")
@@ -644,7 +648,8 @@ def sweep(fn: Callable, args: tuple, kwargs: dict, config, *, kinds=("kill_rank"
             run.outcome, run.why = judge(result, reference, compare)
         runs.append(run)
     out = SweepResult(name, ws, reference, runs, points, [(c.kind, c.label) for c in columns], reached, planned,
-                      max_runs, round(time.monotonic() - started, 3), lanes, n_nodes, compare)
+                      max_runs, round(time.monotonic() - started, 3), lanes, n_nodes, compare,
+                      round(reference_seconds, 3))
     return out
 
 
