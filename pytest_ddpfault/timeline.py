@@ -481,7 +481,7 @@ pre { background: #f7f7f7; padding: 8px; overflow-x: auto; }
 <h1>$TITLE</h1>
 <p class="meta">$LANES lanes, $DURATION s. Hover a bar or a fault for what it was; drag across the lanes to
 see a stretch in detail, or zoom with the wheel or the buttons.</p>
-<div class="controls"><button id="zoom-out" title="zoom out">−</button><button id="zoom-in" title="zoom in">+</button><button
+<div class="controls" id="controls" hidden><button id="zoom-out" title="zoom out">−</button><button id="zoom-in" title="zoom in">+</button><button
  id="pan-left" title="earlier">◀</button><button id="pan-right" title="later">▶</button><button id="zoom-fit"
  title="the whole run">whole run</button><span class="view" id="view">showing 0 s to $SPAN s (the whole run)</span></div>
 <div class="legend">$LEGEND</div>
@@ -624,6 +624,7 @@ $PROGRESS
   var asked = /view=([0-9.]+)-([0-9.]+)/.exec(location.hash);
   if (asked) setView(+asked[1], +asked[2]); else render();
   window.ddpTimeline = {setView: setView, zoom: zoom, view: function () { return [v0, v1]; }};
+  document.getElementById("controls").hidden = false;  /* the zoom needs this script */
   document.body.setAttribute("data-js", "ready");
 })();
 </script>
