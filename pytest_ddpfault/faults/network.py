@@ -147,14 +147,14 @@ class _Network(HarnessSide, InRank):
             if at is not None and at.kind in IN_RANK_FORMS:
                 raise FaultSpecError(f"{self.name}: an in-rank trigger (at={at}) needs a scope, ranks=(...) or "
                                      f"nodes=(...); on the store's path use at=init or at=t=SECONDS")
+            if "plane" in values:
+                raise FaultSpecError(f"{self.name}: plane= chooses the traffic of a scoped fault (ranks= or "
+                                     f"nodes=); without a scope the fault acts on the store proxy only")
             if "rank" in values:
                 raise FaultSpecError(f"{self.name}: rank= names the rank that counts an in-rank trigger of a "
                                      f"scoped fault; without ranks= or nodes= the fault acts on the store proxy, "
                                      f"which carries every rank's store traffic")
         elif "rank" in values and (at is None or at.kind not in IN_RANK_FORMS):
-            if "plane" in values:
-                raise FaultSpecError(f"{self.name}: plane= chooses the traffic of a scoped fault (ranks= or "
-                                     f"nodes=); without a scope the fault acts on the store proxy only")
             raise FaultSpecError(f"{self.name}: rank= names the rank that counts an in-rank trigger "
                                  f"(step#N, OP#N); at={at or 'init'} is the harness's")
 
@@ -174,6 +174,11 @@ class _Network(HarnessSide, InRank):
         if len(side) == world_size:
             raise FaultSpecError(f"{key}={items} holds every rank: no link crosses from it to another rank; "
                                  f"leave some out (in fault spec {str(fault)!r})")
+        if fault.get("plane") == "store" and not cut_off_nodes(side, world_size, nodes):
+            raise FaultSpecError(f"plane=store cuts the store paths of the nodes a fault separates from node 0 "
+                                 f"(the store's host); {key}={items} separates no whole node from node 0"
+                                 f"{' (the group has one node: add nodes=N to the marker)' if nodes == 1 else ''}: "
+                                 f"scope it by nodes=(...) (in fault spec {str(fault)!r})")
 
     def proxies_store(self, fault: Fault) -> bool:
         return scope_of(fault) is None
@@ -184,11 +189,6 @@ class _Network(HarnessSide, InRank):
         return fault.get("duration")
 
     def scope_ranks(self, fault: Fault, world_size: int, nodes: int) -> frozenset[int]:
-        if fault.get("plane") == "store" and not cut_off_nodes(side, world_size, nodes):
-            raise FaultSpecError(f"plane=store cuts the store paths of the nodes a fault separates from node 0 "
-                                 f"(the store's host); {key}={items} separates no whole node from node 0"
-                                 f"{' (the group has one node: add nodes=N to the marker)' if nodes == 1 else ''}: "
-                                 f"scope it by nodes=(...) (in fault spec {str(fault)!r})")
         """The ranks on the faulted side of the cut (empty for the store's path)."""
         scope = scope_of(fault)
         if scope is None:
