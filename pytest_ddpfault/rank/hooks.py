@@ -55,6 +55,7 @@ _PG_OPS = {
 }
 _local = threading.local()
 _MAX_PENDING = 256  # async works watched for their end at once
+_TIMER_START_WAIT = 5.0  # the most the t= timer waits for the thread that started it to go on
 
 
 def wrap(owners, name: str, make):
@@ -419,7 +420,12 @@ def _init_group(original, signature, args: tuple, kwargs: dict):
 
 
 def _start_timer(firer: FaultFirer) -> None:
+    started = threading.Event()
+
     def loop():
+        # not before the starting thread is out of Thread.start(): an exception a fault raises
+        # there (one due at once) would land in threading's own clean-up, not in the rank's code
+        started.wait(_TIMER_START_WAIT)
         while True:
             nxt = firer.counter.next_time()
             if nxt is None:
@@ -430,6 +436,7 @@ def _start_timer(firer: FaultFirer) -> None:
             firer.on_time()
 
     threading.Thread(target=loop, name="ddpfault-timer", daemon=True).start()
+    started.set()
 
 
 def install_plan(plan, rank: int, world_size: int, events, started: float | None = None,
