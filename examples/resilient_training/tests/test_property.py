@@ -24,6 +24,9 @@ def clean(tmp_path_factory):
     return res
 
 
+# The whole property's limit (pytest-timeout): a failing example makes Hypothesis shrink,
+# each try a run of up to the marker's 30 s, for up to 5 minutes more.
+@pytest.mark.timeout(300)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 @pytest.mark.ddp(world_size=3, timeout=30)
