@@ -5,8 +5,8 @@ at every all_reduce (24 runs), against the same 24 runs written as 24 pytest tes
 
 Reported: runs per minute of ``sweep_group`` (its wall time, the reference run included),
 the reference run's share of it, and the cost of the same runs as separate tests: the
-marginal time of 24 more ``ddp.run`` tests in a pytest subprocess (a file with 25 tests
-minus one with 1: pytest's and the zygote's start-up cancel). The zygote is warmed first.
+summed durations of 24 ``ddp.run`` tests in a pytest subprocess (after a first one that
+takes pytest's and the zygote's start-up). The zygote is warmed first.
 The machine is shared and noisy, so both are measured in one invocation; the best round
 of each counts (noise only ever adds time). ``--max-procs``: the rank-process cap the
 sweep fits its side-by-side runs in (default: the plugin's, max(8, 4 x CPUs); a 4-rank
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from xml.etree import ElementTree
 
 import torch
 import torch.distributed as dist
@@ -59,24 +60,20 @@ def test_killed_rank(ddp, spec):
 '''
 
 
-def _pytest(path: str) -> float:
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-                          capture_output=True, text=True, timeout=1800)
-    took = time.monotonic() - start
-    if proc.returncode != 0:
-        sys.exit(f"benchmark tests failed ({path}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return took
-
-
 def as_tests(specs: list[str]) -> float:
-    """The marginal seconds of ``len(specs)`` tests, one run each."""
+    """Seconds of ``len(specs)`` pytest tests, one run each: the sum of their own durations
+    (set-up, call, tear-down, from pytest's JUnit XML) after a first test that takes the
+    zygote's start-up and pytest's warm-up."""
     with tempfile.TemporaryDirectory() as tmp:
-        short, long_ = os.path.join(tmp, "test_one.py"), os.path.join(tmp, "test_all.py")
-        for path, chosen in ((short, specs[:1]), (long_, specs[:1] + specs)):
-            with open(path, "w") as f:
-                f.write(TESTS.format(all_reduces=ALL_REDUCES, specs=chosen, world_size=WORLD_SIZE))
-        return _pytest(long_) - _pytest(short)
+        path, xml = os.path.join(tmp, "test_runs.py"), os.path.join(tmp, "report.xml")
+        with open(path, "w") as f:
+            f.write(TESTS.format(all_reduces=ALL_REDUCES, specs=specs[:1] + specs, world_size=WORLD_SIZE))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                               path], capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            sys.exit(f"benchmark tests failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        cases = ElementTree.parse(xml).getroot().iter("testcase")
+        return sum(float(case.get("time")) for case in list(cases)[1:])
 
 
 def one_sweep(max_procs: int | None):
@@ -108,7 +105,7 @@ def main() -> None:
           f"({sweep.lanes} side by side)")
     print(f"  reference run        {sweep.reference_seconds:6.2f} s = {100 * sweep.reference_seconds / wall:4.1f} % "
           f"of the sweep")
-    print(f"  as {n} pytest tests   {per_test:6.2f} s marginal = {60 * n / per_test:6.1f} runs/min")
+    print(f"  as {n} pytest tests   {per_test:6.2f} s         = {60 * n / per_test:6.1f} runs/min")
     print(f"  ratio                {per_test / wall:6.1f}x (tests / sweep)")
 
 

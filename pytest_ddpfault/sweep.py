@@ -398,7 +398,7 @@ def _kind_list(kinds) -> list:
             raise SettingsError(f"kinds: {fault.kind} cannot fire at a point of the run (OP#N, step#N, save#N, "
                                 f"load#N); its triggers are {', '.join(sorted(fault.definition.trigger_forms)) or 'none'}")
         out.append(fault)
-    return out
+    return list(dict.fromkeys(out))   # a kind given twice is swept once
 
 
 def _columns(kinds: list, ranks, nodes, world_size: int, n_nodes: int) -> list[_Column]:
@@ -583,7 +583,6 @@ def sweep(fn: Callable, args: tuple, kwargs: dict, config, *, kinds=("kill_rank"
           ops=None, compare=None, max_runs=None, max_procs: int | None = None) -> SweepResult:
     """The engine behind ``ddp.sweep`` and ``sweep_group``; ``config`` is the runs' ``RunConfig``
     (its ``faults`` are ignored)."""
-    started = time.monotonic()
     ws, n_nodes = config.world_size, config.nodes
     if compare is not None and not callable(compare):
         raise SettingsError(f"compare={compare!r}: expected a function compare(reference_value, value) -> bool")
@@ -597,6 +596,11 @@ def sweep(fn: Callable, args: tuple, kwargs: dict, config, *, kinds=("kill_rank"
     compare = compare or same_value
     name = getattr(fn, "__qualname__", None) or repr(fn)
 
+    if config.start_method == "forkserver":   # the zygote's start-up is in no sweep's clock (as in no run's)
+        from pytest_ddpfault.parent.launcher import get_launcher
+
+        get_launcher(config.start_method, tuple(config.preload))
+    started = time.monotonic()
     reference = _run_one(fn, args, kwargs, dataclasses.replace(config, faults=()))
     reference_seconds = time.monotonic() - started
     if not reference.ok:

@@ -305,3 +305,36 @@ def test_a_custom_compare_decides(ddp):
 
     sweep = ddp.sweep(swallows_errors, 1, kinds=["kill_rank"], ranks=[1], compare=stale_is_fine)
     sweep.assert_all("recovered")
+
+
+# --- targets, by what each kind takes ------------------------------------------------------------
+
+def test_each_kind_is_moved_over_what_it_takes():
+    from pytest_ddpfault.sweep import _columns, _kind_list
+
+    def targets(kinds, world_size, nodes, ranks=None, target_nodes=None):
+        return [(c.kind, c.key, c.target) for c in _columns(_kind_list(kinds), ranks, target_nodes, world_size, nodes)]
+
+    assert targets(["kill_rank"], 3, 1) == [("kill_rank", "rank", r) for r in range(3)]
+    assert targets(["kill_rank"], 3, 1, ranks=[2]) == [("kill_rank", "rank", 2)]
+    assert targets(["kill_node"], 4, 2) == [("kill_node", "node", 0), ("kill_node", "node", 1)]
+    assert targets(["partition(mode=reject)"], 4, 2) == [("partition(mode=reject)", "nodes", (n,)) for n in (0, 1)]
+    assert targets(["latency(latency=20)"], 3, 1) == [("latency(latency=20)", "ranks", (r,)) for r in range(3)]
+    assert targets(["partition"], 4, 2, ranks=[3]) == [("partition", "ranks", (3,))]
+    assert targets(["partition(ranks=(0, 1))"], 4, 1) == [("partition(ranks=(0, 1))", "", None)]
+
+
+def node_loop(n: int = 1) -> float:
+    return raises_errors(n)
+
+
+def test_node_kinds_and_scoped_network_kinds_on_virtual_nodes():
+    sweep = sweep_group(node_loop, world_size=2, nodes=2, kinds=["kill_node", "partition(mode=reject, duration=0.5)"],
+                        timeout=20)
+    assert [(r.fault, r.outcome) for r in sweep] == [
+        ("kill_node(node=0, at=all_reduce#1)", "failed"), ("kill_node(node=1, at=all_reduce#1)", "failed"),
+        ("partition(nodes=(0,), at=all_reduce#1, mode=reject, duration=0.5)", "failed"),
+        ("partition(nodes=(1,), at=all_reduce#1, mode=reject, duration=0.5)", "failed")]
+    for run in sweep:  # a node kind's node is not judged; a partition targets no rank: both are
+        judged = {r.rank for r in run.result if r.rank not in run.result.faulted_ranks}
+        assert judged == ({1 - run.target} if run.kind == "kill_node" else {0, 1})
