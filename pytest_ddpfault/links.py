@@ -24,7 +24,7 @@ from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.proxy_calls import ProxyHandle, ToxiproxyAPI
 
 __all__ = ["LinkProxies", "LinkProxy", "NODE_NET", "NodeProxy", "PROXY_HOST", "StorePath", "crossing",
-           "cut_off_nodes", "install", "installed", "node_address", "node_of_address", "on_plane", "scopes"]
+           "cut_off_nodes", "install", "installed", "node_address", "node_of_address", "on_plane", "route_store", "scopes"]
 
 # Virtual node n's loopback address (n < 254 * 250: inside 127.0.0.0/8, never 127.0.0.x).
 NODE_NET = 127 << 24 | 7 << 8
@@ -100,14 +100,27 @@ class NodeProxy(ProxyHandle):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
+    def stream_from(self, side: Iterable[int]) -> str:
+        """The stream carrying bytes from the ranks ``side`` of a cut between this node and
+        node 0 (rank 0's): the node's ranks are the store's clients (upstream)."""
+        return "downstream" if 0 in set(side) else "upstream"
 
+
+@dataclass
 class StorePath(NodeProxy):
     """Node ``node``'s path to the store on node 0: its ranks' MASTER_PORT (the proxy listens
-    on node 0's address, MASTER_ADDR) leads to the store through it."""
+    on node 0's address, MASTER_ADDR) leads to the store through it. Under a multi-node
+    ``ddp.torchrun``, one per worker ``place`` of the node: the worker points it at the
+    store its attempt was given (``route_store``), which the launcher cannot know."""
+
+    place: int | None = None
 
     @property
     def link(self) -> str:
-        return f"node {self.node}-store"
+        return f"node {self.node}-store" if self.place is None else f"place {self.place}-store"
+
+    def point_to(self, upstream: str) -> None:
+        self.api.set_upstream(self.name, upstream, self.deadline)
 
 
 @dataclass
@@ -125,6 +138,13 @@ class LinkProxy(ProxyHandle):
     def link(self) -> str:
         return f"{self.a}-{self.b}"
 
+    def stream_from(self, side: Iterable[int]) -> str:
+        """The stream carrying bytes from the ranks ``side``, for a link between two nodes:
+        gloo lets the larger address connect, the higher node's rank ``b`` (upstream: from
+        the connecting rank to the listener). Inside one node which rank connects is gloo's
+        choice (a spec with a direction cannot cut such a link: ``Partition.check_group``)."""
+        return "upstream" if self.b in set(side) else "downstream"
+
     def point_to(self, upstream: str) -> None:
         self.api.set_upstream(self.name, upstream, self.deadline)
 
@@ -133,24 +153,26 @@ class LinkProxies:
     """The proxies of one run's crossed links, by link."""
 
     def __init__(self, api: ToxiproxyAPI, proxies: dict[tuple[int, int], LinkProxy], world_size: int,
-                 nodes: int, store_paths: dict[int, StorePath] | None = None) -> None:
+                 nodes: int, store_paths: list[StorePath] | None = None) -> None:
         self.api, self.proxies, self.world_size, self.nodes = api, proxies, world_size, nodes
-        self.store_paths: dict[int, StorePath] = store_paths or {}
+        self.store_paths: list[StorePath] = store_paths or []
 
     @classmethod
     def create(cls, api: ToxiproxyAPI, plan: Iterable[Any], world_size: int, nodes: int,
-               deadline: Deadline, store: str | None = None) -> LinkProxies | None:
+               deadline: Deadline, store: str | None = None, worker_store: bool = False) -> LinkProxies | None:
         """One proxy per link some fault of ``plan`` crosses; None when none does.
 
         ``store`` (``host:port``, on node 0's address): also one path to it per node some
-        fault cuts off from node 0, as on real machines where the store lives with rank 0."""
+        fault cuts off from node 0, as on real machines where the store lives with rank 0.
+        ``worker_store`` (multi-node torchrun, whose store each attempt's rank 0 hosts): one
+        such path per worker place of those nodes, which each worker points at its store."""
         links: set[tuple[int, int]] = set()
         cut_off: set[int] = set()
         for fault in plan:
             side = fault.definition.scope_ranks(fault, world_size, nodes)
             if on_plane(fault, "data"):
                 links |= crossing(side, world_size)
-            if store is not None and side and on_plane(fault, "store"):
+            if (store is not None or worker_store) and side and on_plane(fault, "store"):
                 cut_off.update(cut_off_nodes(side, world_size, nodes))
         if not links and not cut_off:
             return None
@@ -162,11 +184,14 @@ class LinkProxies:
                 info = api.call("POST", "/proxies", {"name": name, "upstream": _UNSET_UPSTREAM,
                                                      "listen": f"{PROXY_HOST}:0"}, deadline)
                 table.proxies[(a, b)] = LinkProxy(a, b, name, info["listen"], api)
+            per_node = world_size // nodes
             for node in sorted(cut_off):
-                name = f"{run}_store_{node}"
-                listen = f"{store.rsplit(':', 1)[0]}:0"
-                info = api.call("POST", "/proxies", {"name": name, "upstream": store, "listen": listen}, deadline)
-                table.store_paths[node] = StorePath(node, name, info["listen"], api)
+                for place in range(node * per_node, (node + 1) * per_node) if worker_store else (None,):
+                    name = f"{run}_store_{node}" + ("" if place is None else f"_{place}")
+                    upstream, listen = (store, store.rsplit(":", 1)[0]) if store else (_UNSET_UPSTREAM, node_address(0))
+                    info = api.call("POST", "/proxies", {"name": name, "upstream": upstream, "listen": f"{listen}:0"},
+                                    deadline)
+                    table.store_paths.append(StorePath(node, name, info["listen"], api, place=place))
         except BaseException:
             table.close(deadline)
             raise
@@ -177,7 +202,7 @@ class LinkProxies:
             proxy.deadline = deadline
 
     def _all(self) -> list[ProxyHandle]:
-        return [*self.proxies.values(), *self.store_paths.values()]
+        return [*self.proxies.values(), *self.store_paths]
 
     def between(self, a: int, b: int) -> LinkProxy | None:
         return self.proxies.get((min(a, b), max(a, b)))
@@ -194,17 +219,25 @@ class LinkProxies:
         """The proxies of the links ``fault`` crosses, by link, then the store paths it cuts."""
         side = fault.definition.scope_ranks(fault, self.world_size, self.nodes)
         links = sorted(crossing(side, self.world_size)) if on_plane(fault, "data") else []
-        return [self.proxies[link] for link in links] + (self.store_paths_of(side) if on_plane(fault, "store") else [])
+        out = [self.proxies[link] for link in links] + (self.store_paths_of(side) if on_plane(fault, "store") else [])
+        for proxy in out:  # the group's shape, for a one-way cut (faults.network.Partition)
+            proxy.group = (self.world_size, self.nodes)
+        return out
 
     def store_paths_of(self, side: Iterable[int]) -> list[StorePath]:
         """The store paths a cut around ``side`` crosses (the nodes it separates from node 0)."""
-        return [self.store_paths[n] for n in cut_off_nodes(side, self.world_size, self.nodes)
-                if n in self.store_paths]
+        cut_off = cut_off_nodes(side, self.world_size, self.nodes)
+        return [p for p in self.store_paths if p.node in cut_off]
 
     def store_port(self, node: int) -> int | None:
         """The port node ``node``'s ranks reach the store on, when it has a path of its own."""
-        path = self.store_paths.get(node)
-        return None if path is None else path.port
+        return next((p.port for p in self.store_paths if p.node == node and p.place is None), None)
+
+    def store_path_of_place(self, place: int) -> StorePath | None:
+        return next((p for p in self.store_paths if p.place == place), None)
+
+    def store_path_nodes(self) -> list[int]:
+        return sorted({p.node for p in self.store_paths})
 
     def close(self, deadline: Deadline | None = None) -> None:
         for proxy in self._all():
@@ -214,17 +247,30 @@ class LinkProxies:
     def to_wire(self) -> dict:
         return {"url": self.api.url, "world_size": self.world_size, "nodes": self.nodes,
                 "proxies": [[p.a, p.b, p.name, p.listen] for p in self.proxies.values()],
-                "store_paths": [[p.node, p.name, p.listen] for p in self.store_paths.values()]}
+                "store_paths": [[p.node, p.place, p.name, p.listen] for p in self.store_paths]}
 
     @classmethod
     def from_wire(cls, wire: dict) -> LinkProxies:
         api = ToxiproxyAPI(wire["url"])
         proxies = {(a, b): LinkProxy(a, b, name, listen, api) for a, b, name, listen in wire["proxies"]}
-        paths = {node: StorePath(node, name, listen, api) for node, name, listen in wire.get("store_paths", ())}
+        paths = [StorePath(node, name, listen, api, place=place) for node, place, name, listen in wire.get("store_paths", ())]
         return cls(api, proxies, wire["world_size"], wire["nodes"], paths)
 
 
 _installed: LinkProxies | None = None
+
+
+def route_store(table: LinkProxies, place: int, env: dict) -> bool:
+    """A multi-node torchrun worker at ``place``: when a fault may cut its node off from the
+    store, point its store path at the store this attempt was given (``MASTER_ADDR:PORT``)
+    and dial the path instead (``env`` is changed). The worker that hosts the store
+    (``RANK=0``) keeps it. Returns whether it rerouted."""
+    path = table.store_path_of_place(place)
+    if path is None or env.get("RANK") == "0" or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return False
+    path.point_to(f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
+    env["MASTER_ADDR"], env["MASTER_PORT"] = path.listen.rsplit(":", 1)
+    return True
 
 
 def install(table: LinkProxies | None) -> None:

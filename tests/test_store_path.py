@@ -146,3 +146,46 @@ def test_plane_needs_a_cut_between_whole_nodes(spec, error):
 
     with pytest.raises(FaultSpecError, match=error):
         validate_plan(parse_plan(spec), 4, 2)
+
+
+STORE_PROBE_SCRIPT = '''
+import datetime, json, os
+import torch, torch.distributed as dist
+import pytest_ddpfault
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+dist.barrier()
+store = dist.distributed_c10d._get_default_store()
+pytest_ddpfault.step()          # the fault's trigger, in node 1's worker
+t = torch.ones(1)
+dist.all_reduce(t)              # plane=store: the data plane is up
+try:
+    outcome = ["ok", store.add("count", 1)]
+except Exception as exc:
+    outcome = [type(exc).__name__, str(exc)[:120]]
+print("PROBE", json.dumps({"rank": dist.get_rank(), "sum": t.item(), "store": outcome,
+                           "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]}), flush=True)
+'''
+
+
+@pytest.mark.ddp(world_size=2, timeout=60)
+def test_under_multi_node_torchrun_a_cut_off_nodes_workers_lose_the_store_too(ddp, tmp_path):
+    """The workers' store is hosted by the attempt's rank 0 (on node 0): node 1's worker
+    reaches it through its own path, which a store-plane partition of node 1 cuts."""
+    import json
+
+    script = tmp_path / "probe.py"
+    script.write_text(STORE_PROBE_SCRIPT)
+    res = ddp.torchrun(str(script), nnodes=2, rdzv_conf={"join_timeout": 20, "last_call_timeout": 1},
+                       faults="partition(nodes=(1,), at=step#1, mode=reject, plane=store)")
+    probes = {}
+    for worker in res.workers:
+        for line in worker.stdout.splitlines():
+            if line.startswith("PROBE "):
+                probe = json.loads(line[len("PROBE "):])
+                probes[probe["rank"]] = probe
+    assert sorted(probes) == [0, 1], res.summary()
+    assert probes[0]["sum"] == probes[1]["sum"] == 2.0           # gloo went on between the nodes
+    assert probes[0]["store"][0] == "ok"                          # node 0: the store is local
+    assert probes[1]["store"][0] == "DistNetworkError", probes[1]  # node 1: cut off from it
+    assert probes[1]["master"][1] != probes[0]["master"][1]      # node 1 dialled its own path

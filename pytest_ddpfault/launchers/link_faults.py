@@ -77,7 +77,8 @@ class LaunchedLinkFaults:
         self._seq = itertools.count()
         self.fired: list[dict] = []          # the launcher's own fault events
         self._id = next(_runs)
-        links = LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup)
+        # the workers' store (this attempt's rank 0 hosts it) through a path per worker place
+        links = LinkProxies.create(api, self.faults, nproc * nnodes, nnodes, setup, worker_store=True)
         # plane=store only: no gloo link is crossed, the agents' rendezvous paths are
         self.link_proxies = _Table(links or LinkProxies(api, {}, nproc * nnodes, nnodes), {})
         self.actions = [f.definition.action(f, self) for f in self.faults]
@@ -114,7 +115,8 @@ class LaunchedLinkFaults:
     def started(self, start: float, deadline: Deadline) -> None:
         """The agents are starting: the run's clock (for ``t=S``) starts now."""
         self.start = start
-        for proxy in [*self.link_proxies.links.proxies.values(), *self.link_proxies.agent_links.values()]:
+        self.link_proxies.links.set_deadline(deadline)
+        for proxy in self.link_proxies.agent_links.values():
             proxy.deadline = deadline
         for action in self.actions:
             action.after_ranks()

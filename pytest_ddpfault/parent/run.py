@@ -458,8 +458,9 @@ class GroupRun:
         table = self.link_proxies
         if table is None:
             return ""
-        paths = (f" and the store paths of node{'s' if len(table.store_paths) > 1 else ''} "
-                 f"{', '.join(map(str, sorted(table.store_paths)))}") if table.store_paths else ""
+        nodes = table.store_path_nodes()
+        paths = (f" and the store paths of node{'s' if len(nodes) > 1 else ''} "
+                 f"{', '.join(map(str, nodes))}") if nodes else ""
         return (f"Toxiproxy proxies on the gloo links{paths}; other sockets between the nodes "
                 f"(the user's own) are not cut")
 

@@ -376,7 +376,12 @@ class _Activation:
         if table:  # gloo's links that a scoped fault crosses go through their proxies
             from pytest_ddpfault import links
 
-            links.install(links.LinkProxies.from_wire(json.loads(table)))
+            installed = links.LinkProxies.from_wire(json.loads(table))
+            links.install(installed)
+            per_node, local = _env_int(self.env, "LOCAL_WORLD_SIZE"), _env_int(self.env, "LOCAL_RANK")
+            if self.node is not None and per_node is not None and local is not None:
+                # a node a fault may cut off from node 0 reaches the store through its path
+                links.route_store(installed, self.node * per_node + local, os.environ)
         try:
             fitting = []
             for item in self.plan:
