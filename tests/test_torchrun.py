@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ddpfault.errors import UnfiredFaultWarning
 from pytest_ddpfault.frames import PACKAGE_DIR
 from pytest_ddpfault.rank.env_plan import EnvPlanError
 from pytest_ddpfault.faults import FaultSpecError
@@ -287,8 +288,9 @@ def test_without_a_plan_mp_spawn_workers_are_listed(tmp_path):
 
 def test_a_fault_whose_trigger_never_comes_is_reported(tmp_path):
     """issue 10 §5: every rank is armed, also one with no fault due; a fault that never
-    fired (a script that never calls step()) says so, and why."""
-    res = run_script(spawn_script(tmp_path), timeout=RUN_TIMEOUT, faults="kill_rank(rank=1, at=step#3)")
+    fired (a script that never calls step()) says so, and why; and warns (issue 20 §1)."""
+    with pytest.warns(UnfiredFaultWarning, match=r"kill_rank\(rank=1, at=step#3\) in attempt 0 never fired"):
+        res = run_script(spawn_script(tmp_path), timeout=RUN_TIMEOUT, faults="kill_rank(rank=1, at=step#3)")
 
     res.assert_ok()
     armed = sorted((e["rank"], tuple(e["faults"])) for e in res.events if e["type"] == "armed")
