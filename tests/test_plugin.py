@@ -83,6 +83,7 @@ BAD_MARKERS = {
     "rank_outside": ('world_size=4, fault="kill_rank(rank=4)"', "rank 4"),
     "nodes_not_dividing": ("world_size=4, nodes=3", "nodes 3"),
     "node_outside": ('world_size=4, nodes=2, fault="kill_node(node=2)"', "node 2 is outside"),
+    "allow_unfired_string": ('world_size=2, allow_unfired="yes"', "allow_unfired 'yes' from marker"),
     "partition_node_without_nodes": ('world_size=4, fault="partition(nodes=(1,))"', "add nodes=2 to the marker"),
 }
 
