@@ -423,7 +423,7 @@ def test_assert_survivors_raised_fails_on_the_wrong_type(ddp):
         res.assert_survivors_raised(RuntimeError, match="no such text")
 
 
-@pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=all_reduce#5)", timeout=8)
+@pytest.mark.ddp(world_size=2, fault="kill_rank(rank=1, at=all_reduce#5)", timeout=8, allow_unfired=True)
 def test_assert_survivors_raised_says_when_no_fault_fired(ddp):
     res = ddp.run(allreduce_once)  # one all_reduce only: all_reduce#5 never comes
     res.assert_all_ok()
