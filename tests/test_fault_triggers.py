@@ -357,6 +357,15 @@ def test_a_time_trigger_is_never_early_on_the_reports_clocks(start_method):
         assert rank.duration >= 0.2, res.summary()
 
 
+def test_a_time_trigger_already_due_when_the_rank_starts_raises_in_the_ranks_code():
+    # t=0 is due before the rank's own code begins (as any t= is in a rank slower to start):
+    # it fires as that code begins, and the crash is the rank's, not a failed start (exit 70)
+    res = pytest_ddpfault.run_group(spin_in_python, 3.0, world_size=2, timeout=30,
+                                    faults=["crash_rank(rank=0, at=t=0)", "crash_rank(rank=1, at=t=0)"])
+    assert [r.raised(RuntimeError, match=INJECTED) for r in res] == [True, True], res.summary()
+    assert all(r.duration < 2.5 for r in res), res.summary()
+
+
 @pytest.mark.ddp(world_size=1, fault="crash_rank(rank=0, at=t=0.2)", timeout=8)
 def test_time_trigger_crash_rebuilds_the_exception_like_other_triggers(ddp):
     res = ddp.run(spin_in_python, 2.0)
