@@ -187,9 +187,11 @@ def check_run_keywords(fn, args: tuple, kwargs: dict, harness: dict, source: str
     name = getattr(inner, "__name__", None) or repr(inner)
     for key, value in harness.items():
         if key in by_keyword and key not in bound_by_partial and key not in given:
+            lost = ("would get its default" if params[key].default is not params[key].empty
+                    else "would be called without it")
             raise SettingsError(
                 f"{source}({key}={value!r}): {name}() takes a parameter {key!r} too, but {key}= is "
-                f"{source}'s own and would never reach it ({name} would get its default). To give it to "
+                f"{source}'s own and would never reach it ({name} {lost}). To give it to "
                 f"{name}: {source}(functools.partial({name}, {key}={value!r}), ...); to keep both, bind "
                 f"{name}'s with functools.partial and pass {source}'s {key}= beside it")
     if "fault" in kwargs and "fault" not in by_keyword \

@@ -171,6 +171,15 @@ def test_a_run_keyword_that_fn_also_takes_is_refused_with_the_way_out(keyword):
         f"functools.partial and pass ddp.run's {keyword}= beside it")
 
 
+def test_a_required_parameter_of_the_same_name_is_refused_too():
+    with pytest.raises(SettingsError, match=r"\(needs_faults would be called without it\)"):
+        check_run_keywords(needs_faults, (), {}, {"faults": "kill_rank"}, "ddp.run")
+
+
+def needs_faults(faults):
+    return faults
+
+
 def test_what_fn_gets_otherwise_is_not_refused():
     check_run_keywords(train, (3,), {}, {"faults": "kill_rank", "allow_unfired": True}, "ddp.run")
     check_run_keywords(functools.partial(train, timeout=5.0), (3,), {}, {"timeout": 9.0}, "ddp.run")
