@@ -94,22 +94,28 @@ def session(pytester, monkeypatch):
     monkeypatch.setenv("TMPDIR", tmp)
     pytester.makepyfile(test_limited=TEST_FILE.format(limit=LIMIT, seconds=RUN_SECONDS))
 
-    def run(method: str):
+    def run(method: str, *args: str):
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly",
-                                               f"--timeout-method={method}", "--junitxml=junit.xml",
+                                               f"--timeout-method={method}", "--junitxml=junit.xml", *args,
                                                timeout=SESSION_BUDGET)
         return result, time.time(), tag, tmp
 
     try:
         yield run
     finally:
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        if runtime.startswith(tmp):  # a kept-warm zygote's home
+            from pytest_ddpfault.parent import warm
+
+            warm.stop_all(os.path.join(runtime, "ddpfault"))
         for pid in tagged(tag):  # never leave anything, even when the test fails
             os.kill(pid, 9)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def assert_nothing_left(tag: str, tmp: str) -> None:
-    assert poll(lambda: not tagged(tag), CLEAN_WITHIN), f"processes of the session still alive: {tagged(tag)}"
+def assert_nothing_left(tag: str, tmp: str, but: tuple = ()) -> None:
+    left = lambda: [pid for pid in tagged(tag) if pid not in but]  # noqa: E731
+    assert poll(lambda: not left(), CLEAN_WITHIN), f"processes of the session still alive: {left()}"
     assert poll(lambda: not run_files(tmp), CLEAN_WITHIN), f"temp files left in {tmp}: {run_files(tmp)}"
 
 
@@ -146,3 +152,20 @@ def test_the_thread_method_ends_the_process_and_its_zygote_removes_what_it_left(
     assert LIMIT - 1 <= ended - started <= LIMIT + 8, f"the session ended {ended - started:.1f} s after the test began"
     assert completed_runs(pytester.path) >= 1, "the limit came before the test made a second run"
     assert_nothing_left(tag, tmp)
+
+
+def test_a_kept_warm_zygote_removes_what_a_client_that_died_left(session, pytester, monkeypatch):
+    """--ddp-keep-warm: the zygote is nobody's child and stays; the client's ranks die when
+    its connection closes, and its temp files once its process is gone."""
+    runtime = tempfile.mkdtemp(prefix="run-", dir=os.environ["TMPDIR"])
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    result, _, tag, tmp = session("thread", "--ddp-keep-warm")
+
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == 1 and "+ Timeout +" in out, out[-3000:]
+    from pytest_ddpfault.parent import warm
+
+    home = os.path.join(runtime, "ddpfault")
+    zygotes = {warm.owner_pid(home, name[:-len(".lock")]) for name in os.listdir(home) if name.endswith(".lock")}
+    assert len(zygotes) == 1 and None not in zygotes and set(tagged(tag)) >= zygotes, (zygotes, tagged(tag))
+    assert_nothing_left(tag, tmp, but=tuple(zygotes))
