@@ -37,7 +37,9 @@ class DDP:
     def __init__(self, world_size: int = 2, faults=None, timeout: float = DEFAULT_TIMEOUT,
                  backend: str = "gloo", proxy: bool = False, start_method: str = "forkserver",
                  preload: tuple = (), toxiproxy=None, slots=None, nodes: int = 1,
-                 allow_unfired: bool = True) -> None:
+                 allow_unfired: bool = True, network: str = "auto") -> None:
+        from pytest_ddpfault.netns import check_network
+
         self.world_size = check_world_size(world_size, "DDP(world_size=...)")
         self.nodes = check_nodes(nodes, world_size, "DDP(nodes=...)")
         self.faults: tuple = tuple(_faults.parse_plan(faults))
@@ -48,6 +50,7 @@ class DDP:
         self.start_method = start_method
         self.preload = tuple(preload)
         self.toxiproxy = toxiproxy      # where network faults find Toxiproxy (see network.resolve_api)
+        self.network = check_network(network, "DDP(network=...)")  # auto, namespaces or proxies (netns.py)
         self.slots = slots              # slots.ProcessSlots: a cap on rank processes across workers
         self.store_proxy = None         # the toxiproxy-python Proxy of the current/last proxied run
         self.results: list[GroupResult] = []
@@ -73,7 +76,7 @@ class DDP:
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.run(timeout=...)")
         config = RunConfig(world_size=self.world_size, nodes=self.nodes, faults=plan, timeout=limit, backend=self.backend,
                            init=init, proxy=self.proxy, start_method=self.start_method,
-                           preload=self.preload, toxiproxy=self.toxiproxy, slots=self.slots)
+                           preload=self.preload, toxiproxy=self.toxiproxy, slots=self.slots, network=self.network)
         run = GroupRun(fn, args, kwargs, config)
         run.on_proxy = self._set_proxy
         result = run.run()

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pytest_ddpfault.frames import ENV_SHOW as ENV_SHOW_INTERNAL_FRAMES
+from pytest_ddpfault.netns import HELP_NETWORK, NETWORK_ENGINES, check_network
 from pytest_ddpfault.settings import (
     DEFAULT_KEEP_WARM_IDLE, DEFAULT_TIMEOUT, MARKER_SIGNATURE, START_METHODS, SessionSettings, SettingsError,
     check_preload, check_start_method, marker_settings, parse_flag, parse_idle, parse_preload, parse_timeout,
@@ -65,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ddp-preload", dest="ddp_preload", default=None, help=HELP_PRELOAD)
     group.addoption("--ddp-max-procs", dest="ddp_max_procs", default=None, type=int, help=HELP_MAX_PROCS)
     group.addoption("--toxiproxy-url", dest="toxiproxy_url", default=None, help=HELP_TOXIPROXY_URL)
+    group.addoption("--ddp-network", dest="ddp_network", default=None, choices=NETWORK_ENGINES, help=HELP_NETWORK)
     group.addoption("--ddp-keep-warm", dest="ddp_keep_warm", action="store_const", const=True, default=None,
                     help=HELP_KEEP_WARM)
     group.addoption("--ddp-keep-warm-idle", dest="ddp_keep_warm_idle", default=None, help=HELP_KEEP_WARM_IDLE)
@@ -80,6 +82,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ddp_preload", HELP_PRELOAD, default=None)
     parser.addini("ddp_max_procs", HELP_MAX_PROCS, default=None)
     parser.addini("toxiproxy_url", HELP_TOXIPROXY_URL, default=None)
+    parser.addini("ddp_network", HELP_NETWORK, default=None)
     parser.addini("ddp_keep_warm", HELP_KEEP_WARM, default=None)
     parser.addini("ddp_keep_warm_idle", HELP_KEEP_WARM_IDLE, default=None)
     parser.addini("ddp_timeline", HELP_TIMELINE, default=None)
@@ -149,6 +152,7 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
     url, _ = pick("toxiproxy_url", "TOXIPROXY_URL")
     keep_warm, ksrc = pick("ddp_keep_warm", "DDPFAULT_KEEP_WARM")
     idle, isrc = pick("ddp_keep_warm_idle", "DDPFAULT_KEEP_WARM_IDLE")
+    network, nsrc = pick("ddp_network", "DDPFAULT_NETWORK")
     if max_procs is not None:
         try:
             max_procs = int(max_procs)
@@ -164,6 +168,7 @@ def _session_settings(config: pytest.Config) -> SessionSettings:
         toxiproxy_url=url or None,
         keep_warm=parse_flag(keep_warm, ksrc) if keep_warm is not None else False,
         keep_warm_idle=parse_idle(idle, isrc) if idle is not None else DEFAULT_KEEP_WARM_IDLE,
+        network=check_network(network.strip(), nsrc) if network is not None else "auto",
     )
 
 
@@ -239,7 +244,7 @@ def ddp(request: pytest.FixtureRequest):
     runner = DDP(world_size=ms.world_size, nodes=ms.nodes, faults=ms.faults, timeout=ms.timeout, backend=ms.backend,
                  proxy=ms.proxy, start_method=settings.start_method, preload=settings.preload,
                  toxiproxy=_toxiproxy_factory(request), slots=request.config.stash[_slots_key],
-                 allow_unfired=ms.allow_unfired)
+                 allow_unfired=ms.allow_unfired, network=settings.network)
     request.node.stash[_results_key] = runner.results
     runner.max_procs = settings.max_procs   # a sweep's side-by-side runs fit in --ddp-max-procs
     runner.test_limit = lambda: request.node.stash.get(_test_limit_key, None)

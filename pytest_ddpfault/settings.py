@@ -101,6 +101,7 @@ class SessionSettings:
     toxiproxy_url: str | None = None
     keep_warm: bool = False                        # the zygote outlives the session (--ddp-keep-warm)
     keep_warm_idle: float = DEFAULT_KEEP_WARM_IDLE  # seconds it waits for a client before it leaves
+    network: str = "auto"                          # the network engine (--ddp-network; pytest_ddpfault/netns.py)
 
 
 @dataclass(frozen=True)

@@ -686,7 +686,7 @@ def ddp_sweep(ddp, fn: Callable, args: tuple, kwargs: dict, given: dict) -> Swee
     config = RunConfig(world_size=ddp.world_size, nodes=ddp.nodes, timeout=timeout, backend=ddp.backend,
                        init=options.pop("init"), proxy=ddp.proxy, start_method=ddp.start_method,
                        preload=ddp.preload, toxiproxy=_resolved_toxiproxy(ddp.toxiproxy, options["kinds"]),
-                       slots=ddp.slots)
+                       slots=ddp.slots, network=ddp.network)
     result = sweep(fn, args, kwargs, config, max_procs=ddp.max_procs, **options)
     ddp.sweeps.append(result)
     return check_unfired(result)

@@ -187,6 +187,7 @@ _VALUES = {
     "ranks": st.sets(st.integers(0, 64), min_size=1).map(tuple) | st.integers(0, 64) | st.just("(2, 3)"),
     "nodes": st.sets(st.integers(0, 8), min_size=1).map(sorted) | st.just("(1,)"),
     "plane": st.sampled_from(["all", "store", "data"]),
+    "direction": st.sampled_from(["both", "out", "in"]),
     "world_size": st.integers(1, 10**4),
     "master_addr": st.sampled_from(["127.0.9.9", "127.255.0.1", "127.0.0.2"]),
     "master_port": st.integers(1, 65535),
@@ -229,6 +230,7 @@ def faults(draw):
             params.pop("stream", None)
         else:
             params.pop("plane", None)
+            params.pop("direction", None)
         if "ranks" in params or "nodes" in params:
             if not in_rank:
                 params.pop("rank", None)

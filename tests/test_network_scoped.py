@@ -141,7 +141,7 @@ def test_a_partition_mid_training_times_out_on_both_sides(tmp_path):
 
 
 def test_a_partition_healed_before_the_timeout_is_survived_with_correct_values():
-    res = run_group(timed_steps, world_size=4, nodes=2,
+    res = run_group(timed_steps, world_size=4, nodes=2, network="proxies",
                     faults="partition(ranks=(2, 3), at=step#3, duration=0.8)", pg_timeout=5.0, timeout=30)
     res.assert_all_ok()
     for rank, (took, total) in enumerate(res.values):
@@ -192,7 +192,7 @@ def test_a_partition_holds_back_a_new_groups_traffic_too():
 
 
 def test_a_rejecting_partition_fails_fast():
-    res = run_group(timed_steps, world_size=4, nodes=2,
+    res = run_group(timed_steps, world_size=4, nodes=2, network="proxies",  # namespaces: tests/test_netns.py
                     faults="partition(nodes=(1,), at=step#2, mode=reject)", pg_timeout=20.0, timeout=30)
     assert [r.status for r in res.ranks] == ["raised"] * 4, res.report()
     fired = res.fault_events[0].time

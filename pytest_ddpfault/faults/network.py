@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pytest_ddpfault.errors import FaultSpecError
 from pytest_ddpfault.faults._words import more_nodes
 from pytest_ddpfault.links import cut_off_nodes
+from pytest_ddpfault.rank.netns import NodeRoutes
 from pytest_ddpfault.faults.base import (
     HarnessSide,
     InRank,
@@ -89,7 +90,8 @@ class OnProxies(RunAction):
     def proxies(self) -> list:
         if scope_of(self.fault) is None:
             return [self.run.store_proxy]
-        return self.run.link_proxies.of_fault(self.fault)
+        # the "namespaces" engine's node routes (rank/netns.py), else the link proxies
+        return (getattr(self.run, "namespaces", None) or self.run.link_proxies).of_fault(self.fault)
 
     def before_launch(self) -> None:
         at = self.fault.resolved_at()
@@ -209,10 +211,17 @@ class _Network(HarnessSide, InRank):
     def action(self, fault: Fault, run: RunControl) -> RunAction:
         return OnProxies(fault, run)
 
-    def fire_in_rank(self, fault: Fault) -> None:
-        from pytest_ddpfault import links
+    def routes_reason(self, fault: Fault, world_size: int, nodes: int) -> str | None:
+        """Why the "namespaces" engine (kernel routes between node namespaces) cannot do this
+        fault, so that its run needs the proxies; None when it can."""
+        return f"{self.name} has no kernel route for it here (no netem, no iptables): it needs the Toxiproxy proxies"
 
-        table = links.installed()
+    def proxies_reason(self, fault: Fault) -> str | None:
+        """Why the proxies engine cannot do this fault; None when it can."""
+        return None
+
+    def fire_in_rank(self, fault: Fault) -> None:
+        table = _installed_table()
         if table is None:
             raise RuntimeError(f"{fault} acts on the gloo links between ranks, which only the ddp.run "
                                f"harness proxies; this process has none")
@@ -220,9 +229,7 @@ class _Network(HarnessSide, InRank):
             self.apply(fault, proxy)
 
     def event_fields(self, fault: Fault) -> dict[str, Any]:
-        from pytest_ddpfault import links
-
-        table = links.installed()
+        table = _installed_table()
         return {"detail": self.where(fault, table.of_fault(fault))} if table is not None else {}
 
     def where(self, fault: Fault, proxies: list) -> str:
@@ -243,6 +250,14 @@ class _Network(HarnessSide, InRank):
 
     def remove(self, fault: Fault, proxy) -> None:
         raise NotImplementedError
+
+
+def _installed_table():
+    """This rank's node namespaces (the "namespaces" engine), else its link proxies."""
+    from pytest_ddpfault import links
+    from pytest_ddpfault.rank import netns
+
+    return netns.installed() or links.installed()
 
 
 class _Disables(_Network):
@@ -268,22 +283,75 @@ class Partition(_Network):
     @classmethod
     def own_params(cls) -> tuple[Param, ...]:
         return (Param("mode", Choice("drop", "reject"), "drop",
-                      "drop: held back, none lost; reject: reset and refused", Fuzz.of("drop", "reject")),)
+                      "drop: held back, none lost; reject: reset and refused", Fuzz.of("drop", "reject")),
+                Param("direction", Choice("both", "out", "in"), "both",
+                      "with a scope: both, out (nothing from the set reaches the rest), in (nothing from the "
+                      "rest reaches the set)", Fuzz.never()))
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        super().check(values)
+        if values.get("direction", "both") != "both" and "ranks" not in values and "nodes" not in values:
+            raise FaultSpecError(f"{self.name}: direction= is one side of a cut: give ranks=(...) or nodes=(...)")
+
+    def check_group(self, fault: Fault, world_size: int, nodes: int) -> None:
+        super().check_group(fault, world_size, nodes)
+        if fault.get("direction") == "both" or scope_of(fault) is None:
+            return
+        per_node = world_size // nodes
+        side = self.scope_ranks(fault, world_size, nodes)
+        inside = sorted({a // per_node for a in side if any(b // per_node == a // per_node and b not in side
+                                                            for b in range(world_size))})
+        if inside:
+            raise FaultSpecError(f"direction={fault.get('direction')} needs a cut between whole nodes: {fault} "
+                                 f"also cuts links inside node {inside[0]}, where which rank connects (and so "
+                                 f"which way a stream runs) is gloo's choice; scope it by nodes=(...) (with "
+                                 f"nodes=N on the marker) or use direction=both")
+
+    def routes_reason(self, fault: Fault, world_size: int, nodes: int) -> str | None:
+        if scope_of(fault) is None:
+            return f"{fault} acts on the store proxy"
+        if fault.get("plane") != "all":
+            return f"{fault} cuts one plane (plane={fault.get('plane')}); routes cannot tell ports apart"
+        per_node = world_size // nodes
+        side = self.scope_ranks(fault, world_size, nodes)
+        if any((r // per_node) * per_node + i not in side for r in side for i in range(per_node)):
+            return f"{fault} cuts through a node; routes act between nodes"
+        return None
+
+    def proxies_reason(self, fault: Fault) -> str | None:
+        if fault.get("mode") == "reject" and fault.get("direction") != "both":
+            return (f"{fault}: a proxy refuses a connection both ways (mode=reject); one way it can only "
+                    f"hold bytes back (mode=drop)")
+        return None
+
+    def _streams(self, fault: Fault, proxy) -> tuple[str, ...]:
+        """The proxy's streams the cut holds back: both, or the one from (out) or to (in) the set."""
+        direction = fault.get("direction")
+        if direction == "both":
+            return BOTH_STREAMS
+        out = proxy.stream_from(self.scope_ranks(fault, *proxy.group))  # links.LinkProxies.of_fault
+        return (out,) if direction == "out" else tuple(s for s in BOTH_STREAMS if s != out)
 
     def apply(self, fault: Fault, proxy) -> None:
+        if isinstance(proxy, NodeRoutes):
+            proxy.cut()
+            return
         if fault.get("mode") == "reject":
             proxy.set_enabled(False)
             return
-        for stream in BOTH_STREAMS:  # the bytes, then a close behind them: neither gets through
+        for stream in self._streams(fault, proxy):  # the bytes, then a close behind them: neither gets through
             for toxic, attributes in HOLD_TOXICS:
                 proxy.add_toxic({"name": f"{self.toxic_name(fault, stream)}_{toxic}", "type": toxic,
                                  "stream": stream, "toxicity": 1.0, "attributes": attributes})
 
     def remove(self, fault: Fault, proxy) -> None:
+        if isinstance(proxy, NodeRoutes):
+            proxy.heal()
+            return
         if fault.get("mode") == "reject":
             proxy.set_enabled(True)
             return
-        for stream in BOTH_STREAMS:
+        for stream in self._streams(fault, proxy):
             for toxic, _ in HOLD_TOXICS:
                 proxy.remove_toxic(f"{self.toxic_name(fault, stream)}_{toxic}")
 

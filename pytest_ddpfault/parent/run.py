@@ -31,6 +31,7 @@ from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault import ipc
 from pytest_ddpfault.ipc import EventInbox
 from pytest_ddpfault.links import scopes
+from pytest_ddpfault.netns import check_network, choose as choose_network, unprivileged as netns_unprivileged
 from pytest_ddpfault.frames import hide_in_stack
 from pytest_ddpfault.parent.shipping import dumps_call
 from pytest_ddpfault.rank.bootstrap import ChildJob
@@ -66,6 +67,7 @@ class RunConfig:
     toxiproxy: object = None   # where network faults find Toxiproxy (see network.resolve_api)
     slots: object = None       # slots.ProcessSlots capping rank processes across workers
     oplog: bool = True         # every rank logs its ops (RankResult.ops); False: no log, no counting
+    network: str = "auto"      # the network engine: auto, namespaces or proxies (pytest_ddpfault/netns.py)
 
     def __post_init__(self) -> None:
         check_world_size(self.world_size, "RunConfig")
@@ -111,6 +113,9 @@ class GroupRun:
         self.store: _Proc | None = None
         self.store_proxy = None           # network.StoreProxy when the store is proxied
         self.link_proxies = None          # links.LinkProxies when a network fault is scoped
+        self.network = "proxies"          # the engine that runs (netns.choose)
+        self.namespaces = None            # rank.netns.NamespaceCuts under the "namespaces" engine
+        self.netns_holder: _Proc | None = None
         self.ranks: list[_Proc] = []
         self.by_pid: dict[int, _Proc] = {}
         self._fired: list[tuple] = []     # (kind, rank, trigger, monotonic time, spec, detail, node)
@@ -121,7 +126,8 @@ class GroupRun:
         self._timers: list = []
         self.setup = Deadline.after(SETUP_BUDGET)
         self._ending: Deadline | None = None  # the one clean-up budget, from the first kill on
-        self._handlers = {"store_ready": self._on_store_ready, "fault": self._on_fault}
+        self._handlers = {"store_ready": self._on_store_ready, "fault": self._on_fault,
+                          "netns_ready": self._on_netns_ready, "netns_failed": self._on_netns_failed}
         self._seq = itertools.count()
         self._store_port: int | None = None
         self.actions: list = []
@@ -142,8 +148,12 @@ class GroupRun:
             self.dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=short_tmp())
             self.inbox = EventInbox(os.path.join(self.dir, "ev"))
             self.actions = [f.definition.action(f, self) for f in self.plan if f.definition.harness_side]
+            self.network = choose_network(self.config.network, self.plan, self.config.world_size, self.config.nodes,
+                                          self.config.proxy)
             self.launcher = self._launcher()
             setup = self.setup.within(STORE_START_BUDGET)
+            if self.network == "namespaces":
+                self._start_namespaces(setup)
             for action in self.actions:
                 action.before_ranks(setup)
             if self.master_port is None:
@@ -204,16 +214,25 @@ class GroupRun:
     def _paths(self, stem: str) -> dict:
         return {k: os.path.join(self.dir, f"{stem}.{k}") for k in ("out", "err", "stack", "result", "ops")}
 
-    def _start_store(self, setup: Deadline) -> None:
-        p = self._paths("store")
-        opts = {"world_size": self.config.world_size, "events_path": self.inbox.path,
-                "timeout": max(self.config.timeout, 1.0), "host": self.master_addr}
-        job = ChildJob("store host", "pytest_ddpfault.rank.store_host:store_main", pickle.dumps(opts),
-                       self._base_env(), os.getcwd(), list(_sys_path()), p["out"], p["err"], p["stack"])
+    def _start_helper(self, attr: str, name: str, target: str, opts: dict, setup: Deadline,
+                      namespaces: tuple = ()) -> _Proc:
+        """Start one of the run's own processes (the store host, the namespace holder) as
+        ``self.<attr>``."""
+        p = self._paths(attr)
+        job = ChildJob(name, target, pickle.dumps(opts), self._base_env(), os.getcwd(), list(_sys_path()),
+                       p["out"], p["err"], p["stack"], namespaces=namespaces)
         with signals_held():  # a process started is a process the clean-up knows
             [(pid, started)] = self.launcher.launch_many([job], setup)
-            self.store = _Proc("store host", pid, started, p["out"], p["err"], p["stack"])
-            self.by_pid[pid] = self.store
+            proc = _Proc(name, pid, started, p["out"], p["err"], p["stack"])
+            setattr(self, attr, proc)
+            self.by_pid[pid] = proc
+        return proc
+
+    def _start_store(self, setup: Deadline) -> None:
+        opts = {"world_size": self.config.world_size, "events_path": self.inbox.path,
+                "timeout": max(self.config.timeout, 1.0), "host": self.master_addr}
+        self._start_helper("store", "store host", "pytest_ddpfault.rank.store_host:store_main", opts, setup,
+                           namespaces=self._join(0))
         while self._store_port is None:
             if setup.expired():
                 raise HarnessError(f"the store host did not start in time{self._output_of(self.store)}")
@@ -221,6 +240,31 @@ class GroupRun:
             if self.store.exit is not None:
                 raise HarnessError(f"the store host died at start-up{self._output_of(self.store)}")
         self.master_port = self._store_port
+
+    def _start_namespaces(self, setup: Deadline) -> None:
+        """The "namespaces" engine: one holder process makes a network namespace per node
+        (rank/netns.py) before the store host and the ranks start inside them."""
+        opts = {"nodes": self.config.nodes, "events_path": self.inbox.path, "user": netns_unprivileged()}
+        self._start_helper("netns_holder", "namespace holder", "pytest_ddpfault.rank.netns:hold_main", opts, setup)
+        while self.namespaces is None:
+            if setup.expired():
+                raise HarnessError(f"the node namespaces were not made in time{self._output_of(self.netns_holder)}")
+            self._pump(setup)
+            if self.namespaces is None and self.netns_holder.exit is not None:
+                raise HarnessError(f"the namespace holder died at start-up{self._output_of(self.netns_holder)}")
+
+    def _on_netns_ready(self, ev: dict) -> None:
+        from pytest_ddpfault.rank.netns import Holders, NamespaceCuts
+
+        self.namespaces = NamespaceCuts(Holders(tuple(ev["pids"]), bool(ev["user"])), self.config.world_size,
+                                        self.config.nodes)
+
+    def _on_netns_failed(self, ev: dict) -> None:
+        raise HarnessError(f"the node namespaces could not be made: {ev['why']}")
+
+    def _join(self, node: int) -> tuple:
+        """What a process of ``node`` joins first (its node's namespace), if anything."""
+        return self.namespaces.holders.join_list(node) if self.namespaces is not None else ()
 
     def _start_proxy(self) -> None:
         from pytest_ddpfault.toxiproxy.client import StoreProxy, resolve_api
@@ -237,7 +281,7 @@ class GroupRun:
         from pytest_ddpfault.toxiproxy.client import resolve_api
 
         ws, nodes = self.config.world_size, self.config.nodes
-        if any(f.definition.scope_ranks(f, ws, nodes) for f in self.plan):
+        if self.namespaces is None and any(f.definition.scope_ranks(f, ws, nodes) for f in self.plan):
             # the store lives on node 0: a node cut off from it reaches it through its own path
             store = f"{self.master_addr}:{self.master_port}" if nodes > 1 and self.use_agent_store else None
             self.link_proxies = LinkProxies.create(resolve_api(self.config.toxiproxy), self.plan, ws, nodes, setup,
@@ -298,10 +342,11 @@ class GroupRun:
             task = RankTask(rank, self.config.world_size, blob, self.config.init, self.config.backend,
                             specs, p["result"], self.inbox.path, p["ops"] if self.config.oplog else "",
                             nodes=self.config.nodes,
-                            links=self.link_proxies.to_wire() if self.link_proxies is not None else None)
+                            links=self.link_proxies.to_wire() if self.link_proxies is not None else None,
+                            netns=self.namespaces.to_wire() if self.namespaces is not None else None)
             jobs.append(ChildJob(f"rank {rank}", "pytest_ddpfault.rank.task:rank_main", pickle.dumps(task),
                                  self.rank_env(rank), os.getcwd(), list(_sys_path()),
-                                 p["out"], p["err"], p["stack"]))
+                                 p["out"], p["err"], p["stack"], namespaces=self._join(self.config.node_of(rank))))
             paths.append(p)
         with signals_held():  # a process started is a process the clean-up knows
             started = self.launcher.launch_many(jobs, setup)
@@ -450,11 +495,14 @@ class GroupRun:
                          for kind, rank, trigger, when, spec, detail, node in self._fired), key=lambda e: e.time)
         duration = round(time.monotonic() - self.start, 4)
         return GroupResult(results, events, faulted, duration, _faults.format_plan(self.plan),
-                           self._unfired(events, results, duration), network="proxies",
+                           self._unfired(events, results, duration), network=self.network,
                            network_note=self._network_note())
 
     def _network_note(self) -> str:
         """What the scoped network faults of the plan could cut (nothing to say without one)."""
+        if self.namespaces is not None:
+            return (f"Linux network namespaces, one per node ({self.config.nodes}): a partition is kernel routes "
+                    f"between them and cuts every socket between the nodes (gloo, the store, the user's own)")
         table = self.link_proxies
         if table is None:
             return ""
@@ -560,7 +608,7 @@ class GroupRun:
             raise first
 
     def _kill_leftovers(self) -> None:
-        procs = [p for p in [*self.ranks, self.store] if p is not None and p.exit is None]
+        procs = [p for p in [*self.ranks, self.store, self.netns_holder] if p is not None and p.exit is None]
         if self.launcher is None:
             return
         for p in procs:
@@ -579,7 +627,7 @@ def _sys_path() -> list:
 def run_group(fn: Callable, *args, world_size: int = 2, nodes: int = 1, faults=None, timeout: float = 60.0,
               init: bool = False, backend: str = "gloo", proxy: bool = False,
               start_method: str = "forkserver", preload: tuple = (), env: dict | None = None,
-              toxiproxy=None, oplog: bool = True, **kwargs) -> GroupResult:
+              toxiproxy=None, oplog: bool = True, network: str = "auto", **kwargs) -> GroupResult:
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` ranks; wait for all of them.
     Faults of the plan that never fired are in the result's ``.unfired`` and warned of
     (``UnfiredFaultWarning``)."""
@@ -588,7 +636,8 @@ def run_group(fn: Callable, *args, world_size: int = 2, nodes: int = 1, faults=N
     check_nodes(nodes, world_size, "run_group(nodes=...)")
     config = RunConfig(world_size=world_size, nodes=nodes, faults=faults, timeout=timeout,
                        backend=backend, init=init, proxy=proxy, start_method=start_method,
-                       preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy, oplog=oplog)
+                       preload=tuple(preload), env=dict(env or {}), toxiproxy=toxiproxy, oplog=oplog,
+                       network=check_network(network, "run_group(network=...)"))
     result = GroupRun(fn, args, kwargs, config).run()
     warn_unfired(result.unfired)
     return result

@@ -39,6 +39,9 @@ class ChildJob:
     # time.monotonic() just before the launcher started the process (set by the launcher): the
     # origin of the child's t= triggers and of its duration in the report, so neither is early
     started: float = 0.0
+    # (path, CLONE_NEW* flag) to setns into first, before any socket: its virtual node's network
+    # namespace under the "namespaces" engine (rank/netns.py)
+    namespaces: tuple = ()
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -82,6 +85,10 @@ def run_job(job: ChildJob, expected_parent: int):
             signal.signal(sig, signal.SIG_DFL)
         _redirect(1, job.stdout_path)
         _redirect(2, job.stderr_path)
+        if job.namespaces:
+            from pytest_ddpfault.rank.netns import enter
+
+            enter(job.namespaces)  # before any socket of the job's
         # Line-buffered, so what a rank printed survives its being killed.
         for stream in (sys.stdout, sys.stderr):
             try:

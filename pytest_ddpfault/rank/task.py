@@ -17,6 +17,7 @@ import cloudpickle
 from pytest_ddpfault import ipc, links
 from pytest_ddpfault.frames import exception_fields
 from pytest_ddpfault.ipc import EventSink
+from pytest_ddpfault.rank import netns
 from pytest_ddpfault.rank.hooks import install_plan, release_the_gil_around_destroy
 from pytest_ddpfault.rank.oplog import OpLog
 
@@ -34,6 +35,7 @@ class RankTask:
     oplog_path: str = ""      # where the rank logs its ops (rank/oplog.py); "" = no log
     nodes: int = 1            # virtual nodes: with more than one, the wrapped gloo binds to the node's address
     links: dict | None = None  # links.LinkProxies.to_wire(): the proxies of the links scoped faults cross
+    netns: dict | None = None  # netns.NamespaceCuts.to_wire(): the node namespaces (the "namespaces" engine)
 
 
 def exception_record(exc: BaseException) -> dict:
@@ -88,6 +90,8 @@ def rank_main(job) -> int:
     # gloo binds each rank's device to its node's address (and routes crossed links via proxies)
     if task.links:
         links.install(links.LinkProxies.from_wire(task.links))
+    if task.netns:
+        netns.install(netns.NamespaceCuts.from_wire(task.netns))
     if task.faults or task.oplog_path or task.nodes > 1:
         log = OpLog(task.oplog_path) if task.oplog_path else None
         firer = install_plan(task.faults, task.rank, task.world_size, events, started=job_started, oplog=log,
