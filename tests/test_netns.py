@@ -252,6 +252,7 @@ def test_gloo_under_a_healed_drop_resumes_at_tcps_next_retransmission():
     for took, total in res.values:
         assert total == 2.0 ** 4                                # nothing lost
         assert took[1] >= 0.45 and took[0] < 0.4 and took[2] < 0.4, took
+        assert took[1] < 1.5, took   # the resend due 0.6 s after the cut (backoff from 200 ms), not later
 
 
 @needs_namespaces
@@ -262,6 +263,34 @@ def test_gloo_under_reject_fails_at_once_with_the_connection_aborted():
     for r in res.ranks:
         assert r.status == "raised" and "Software caused connection abort" in r.message, res.report()
         assert r.end_time - fired < 5, "not the 20 s process-group timeout"
+
+
+def store_set_under_a_one_way_cut(tmp):
+    """Rank 1 (node 1) sets a key after ``step()`` (the cut); rank 0 (node 0) then looks
+    whether it arrived."""
+    rank, addr, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, 2, False, timeout=datetime.timedelta(seconds=1))
+    store.set(f"hello{rank}", "1")
+    if rank == 0:
+        wait_for(f"{tmp}/set")
+        arrived = store.check(["during"])
+        open(f"{tmp}/checked", "w").close()
+        return arrived
+    store.get("hello0")
+    pytest_ddpfault.step()
+    store.set("during", "1")   # c10d's set does not wait for a reply
+    open(f"{tmp}/set", "w").close()
+    wait_for(f"{tmp}/checked")
+
+
+@pytest.mark.parametrize("network", ["proxies", pytest.param("namespaces", marks=needs_namespaces)])
+@pytest.mark.parametrize("direction, arrives", [("out", False), ("in", True)])
+def test_a_one_way_cut_stops_what_leaves_the_set_or_what_comes_to_it(tmp_path, network, direction, arrives):
+    # out: nothing from node 1 reaches node 0 (its set is held); in: node 1's set arrives
+    res = run_group(store_set_under_a_one_way_cut, str(tmp_path), world_size=2, nodes=2, network=network,
+                    timeout=30, faults=f"partition(nodes=(1,), at=step#1, direction={direction})")
+    res.assert_all_ok()
+    assert res.network == network and res[0].value is arrives
 
 
 KILLED_RUN = """

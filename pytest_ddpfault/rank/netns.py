@@ -21,8 +21,8 @@ zygote's channel) work across network namespaces; TCP to 127.0.0.1 of the root n
 (the Toxiproxy server, the link proxies) does not.
 
 A partition is a route per cut-off address in the namespaces on one side (``cut_commands``):
-into ``void`` (mode=drop: a veth whose peer is down, so packets vanish silently; TCP
-retransmits, so once the route goes the held bytes arrive) or ``unreachable`` (mode=reject:
+into ``void`` (mode=drop: a veth whose frames its peer drops, so packets vanish silently;
+TCP retransmits, so once the route goes the held bytes arrive, at its next retransmission) or ``unreachable`` (mode=reject:
 connect fails at once with EHOSTUNREACH; the open connections to the far side are then reset
 with ``ss -K``, as a refusing proxy closes them; without it they would only stall), each at a
 metric of its own below the
@@ -49,7 +49,10 @@ from pytest_ddpfault.links import node_address
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
-VOID = "void"  # a veth whose peer stays down: what is routed into it vanishes, silently
+# A veth without ARP whose frames reach its peer addressed to no one (its own MAC): what is
+# routed into it vanishes, silently. (Its peer down instead drops too, but then TCP's
+# retransmissions stay stuck after healing until the backoff's next-but-one try.)
+VOID = "void"
 LINK_METRIC = 1000          # the route between two nodes; a cut's routes lie below it
 HOLDER_READY_BUDGET = 10.0  # a node child's unshare
 IP_BUDGET = 20.0            # one `ip -batch` (or nsenter + ip) call
@@ -264,7 +267,8 @@ def node_commands(node: int, nodes: int, pids: list[int]) -> list[str]:
     """``ip`` commands that set up ``node``'s namespace; the veths to lower nodes exist already."""
     me = node_address(node)
     cmds = ["link set lo up", "addr del 127.0.0.1/8 dev lo", "addr add 127.0.0.1/32 dev lo",
-            f"addr add {me}/32 dev lo", f"link add {VOID} type veth peer name {VOID}x", f"link set {VOID} up"]
+            f"addr add {me}/32 dev lo", f"link add {VOID} type veth peer name {VOID}x", f"link set {VOID} arp off",
+            f"link set {VOID} up", f"link set {VOID}x up"]
     cmds += [f"link add v{node}_{peer} type veth peer name v{peer}_{node} netns {pids[peer]}"
              for peer in range(node + 1, nodes)]
     for peer in range(nodes):
