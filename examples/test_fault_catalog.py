@@ -212,7 +212,9 @@ def test_short_partition_is_survived(ddp):
 @pytest.mark.ddp(world_size=4, nodes=2, fault="partition(nodes=(1,), at=step#2, mode=reject)")
 def test_rejecting_partition_fails_fast(ddp):
     res = ddp.run(timed_steps, pg_timeout=20.0)
-    res.assert_survivors_raised(RuntimeError, match="peer", within=10)   # not the 20 s timeout
+    # not the 20 s timeout: proxies close the connections ("... by peer"), namespaces reset them
+    # under the ranks ("Software caused connection abort"); see README "Two engines"
+    res.assert_survivors_raised(RuntimeError, match="peer|connection abort", within=10)
 
 
 @pytest.mark.ddp(world_size=2, fault="latency(ranks=(1,), latency=100)")

@@ -109,6 +109,9 @@ class DDP:
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         check_nnodes(nnodes, min_nodes)
+        if self.network == "namespaces":
+            raise SettingsError("network='namespaces' (--ddp-network, DDPFAULT_NETWORK) is for ddp.run: ddp.torchrun "
+                                "runs its agents and workers on the proxies engine; use network='auto' or 'proxies'")
         if nproc is None:
             if self.world_size % nnodes:
                 raise SettingsError(f"nnodes={nnodes} does not divide world_size={self.world_size}: give nproc "

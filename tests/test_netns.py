@@ -329,3 +329,39 @@ def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
     while net_namespaces() & made:   # holders and ranks die with the zygote, which dies with pytest
         assert time.monotonic() < end, f"left behind: {net_namespaces() & made}"
         time.sleep(0.05)
+
+
+ENGINE_TEST = """
+import os
+import pytest
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=t=60)", allow_unfired=True, timeout=30)
+def test_it(ddp):
+    assert ddp.run(int).network == os.environ["EXPECT_NETWORK"]
+"""
+
+
+@needs_namespaces
+def test_the_option_the_ini_key_and_the_env_choose_the_engine(pytester, monkeypatch):
+    pytester.makepyfile(test_engine=ENGINE_TEST)
+    monkeypatch.setenv("EXPECT_NETWORK", "proxies")
+    pytester.runpytest("-p", "no:cacheprovider", "--ddp-network=proxies").assert_outcomes(passed=1)
+    monkeypatch.setenv("DDPFAULT_NETWORK", "proxies")
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    monkeypatch.delenv("DDPFAULT_NETWORK")
+    monkeypatch.setenv("EXPECT_NETWORK", "namespaces")
+    pytester.makeini("[pytest]\nddp_network = namespaces\n")
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    monkeypatch.setenv("DDPFAULT_NETWORK", "kernel")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert "network 'kernel' from $DDPFAULT_NETWORK: must be one of auto, namespaces, proxies" in str(result.stderr) + \
+        str(result.stdout), result.stdout.str()
+
+
+def test_torchrun_under_namespaces_says_it_runs_on_the_proxies():
+    from pytest_ddpfault.api import DDP
+
+    with pytest.raises(SettingsError, match="ddp.torchrun runs its agents and workers on the proxies engine"):
+        DDP(world_size=2, network="namespaces").torchrun("some_script.py")
+    with pytest.raises(SettingsError, match="network 'fast' from DDP"):
+        DDP(world_size=2, network="fast")
