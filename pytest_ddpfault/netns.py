@@ -40,9 +40,12 @@ def check_network(value, source: str) -> str:
     return value
 
 
+USERNS_ENV = "DDPFAULT_NETNS_USERNS"  # "1": the user-namespace way even as root (as unprivileged users get)
+
+
 def unprivileged() -> bool:
-    """Whether the namespaces need a user namespace of their own (not root)."""
-    return os.geteuid() != 0
+    """Whether the namespaces go in a user namespace of their own (not root, or asked to)."""
+    return os.geteuid() != 0 or os.environ.get(USERNS_ENV) == "1"
 
 
 @functools.lru_cache(maxsize=None)

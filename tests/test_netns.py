@@ -293,6 +293,48 @@ def test_a_one_way_cut_stops_what_leaves_the_set_or_what_comes_to_it(tmp_path, n
     assert res.network == network and res[0].value is arrives
 
 
+def init_then_reduce():
+    start = time.monotonic()
+    try:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1.5))
+    except Exception as exc:  # what init raises is the point
+        return type(exc).__name__, str(exc)[:200], time.monotonic() - start
+    dist.destroy_process_group()
+    return "ok", "", time.monotonic() - start
+
+
+@needs_namespaces
+@pytest.mark.parametrize("mode, node1_sees", [("reject", "failed to connect"), ("drop", "timed out after 1500ms")])
+def test_a_partition_at_init_keeps_node_1_from_the_store_and_node_0_waits_for_it(mode, node1_sees):
+    res = run_group(init_then_reduce, world_size=4, nodes=2, timeout=30, faults=f"partition(nodes=(1,), mode={mode})")
+    assert res.network == "namespaces" and [e.trigger for e in res.fault_events] == ["init"]
+    for rank, (kind, message, took) in enumerate(res.values):
+        if rank < 2:   # node 0 reaches the store and waits for node 1's ranks
+            assert kind == "DistStoreError" and "wait timeout" in message, message
+        else:
+            assert kind == "DistNetworkError" and node1_sees in message and "127.0.7.1" in message, message
+        assert took < 5, took
+
+
+def where_and_who():
+    return os.stat("/proc/self/ns/net").st_ino, os.stat("/proc/self/ns/user").st_ino, os.getuid()
+
+
+@needs_namespaces
+def test_the_user_namespace_way_unprivileged_users_get_works_as_well(monkeypatch, tmp_path):
+    # as root the namespaces need no user namespace; DDPFAULT_NETNS_USERNS=1 takes that way anyway
+    monkeypatch.setenv(netns.USERNS_ENV, "1")
+    res = run_group(where_and_who, world_size=2, nodes=2, network="namespaces", timeout=30)
+    res.assert_all_ok()
+    (net0, user0, uid0), (net1, user1, uid1) = res.values
+    assert net0 != net1 and user0 == user1 != os.stat("/proc/self/ns/user").st_ino
+    assert uid0 == uid1 == 0   # the caller's uid is 0 inside it: caps over the nodes' namespaces
+    res = run_group(cut_node_1, str(tmp_path), world_size=2, nodes=2, timeout=30,
+                    faults="partition(nodes=(1,), mode=reject, at=step#1, duration=0.5)")
+    res.assert_all_ok()   # rank 1 cut it from inside the user namespace; the harness healed it from outside
+    assert "No route to host" in res[1].value["connect"][1] and res[1].value["store_after"][0] == "ok"
+
+
 KILLED_RUN = """
 import os, time
 import pytest
