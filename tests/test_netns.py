@@ -37,6 +37,14 @@ def net_namespaces() -> set[int]:
     return out
 
 
+def wait_gone(namespaces: set[int], budget: float = 20.0) -> None:
+    """Poll until no process is in any of ``namespaces`` (SIGKILLed processes take a moment)."""
+    end = time.monotonic() + budget
+    while net_namespaces() & namespaces:
+        assert time.monotonic() < end, f"left behind: {net_namespaces() & namespaces}"
+        time.sleep(0.05)
+
+
 def wait_for(path: str, budget: float = 15.0) -> None:
     """Poll for a file another rank writes (the two nodes cannot talk while cut)."""
     end = time.monotonic() + budget
@@ -197,7 +205,7 @@ def test_each_node_is_a_namespace_of_its_own_and_nothing_is_left_after_the_run()
     (ns0, a0), (ns0b, a0b), (ns1, a1), (ns1b, a1b) = res.values
     assert ns0 == ns0b != ns1 == ns1b and ns0 not in before and ns1 not in before
     assert (a0, a0b, a1, a1b) == ("127.0.7.1", "127.0.7.1", "127.0.7.2", "127.0.7.2")
-    assert not net_namespaces() - before     # every namespace went with its last process
+    wait_gone({ns0, ns1})   # each went with its last process (other runs may make theirs meanwhile)
 
 
 @needs_namespaces
@@ -340,7 +348,9 @@ import os, time
 import pytest
 
 def wait_forever(path):
-    open(f"{path}.{os.environ['RANK']}", "w").close()
+    with open(f"{path}.{os.environ['RANK']}.tmp", "w") as f:   # the rank's namespace, then the file
+        f.write(str(os.stat("/proc/self/ns/net").st_ino))
+    os.rename(f"{path}.{os.environ['RANK']}.tmp", f"{path}.{os.environ['RANK']}")
     time.sleep(600)
 
 @pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=t=300)", timeout=600, allow_unfired=True)
@@ -354,7 +364,6 @@ def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
     (tmp_path / "test_killed.py").write_text(textwrap.dedent(KILLED_RUN))
     mark = tmp_path / "started"
     env = {**os.environ, "MARK": str(mark), "DDPFAULT_NETWORK": "namespaces"}
-    before = net_namespaces()
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -362,15 +371,12 @@ def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
         while not all(os.path.exists(f"{mark}.{r}") for r in (0, 1)):  # both ranks run, in their namespaces
             assert proc.poll() is None and time.monotonic() < end, "the run did not start"
             time.sleep(0.05)
-        made = net_namespaces() - before
-        assert len(made) >= 2, made
+        made = {int(open(f"{mark}.{r}").read()) for r in (0, 1)}   # node 0's and node 1's
+        assert len(made) == 2 and os.stat("/proc/self/ns/net").st_ino not in made, made
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    end = time.monotonic() + 20
-    while net_namespaces() & made:   # holders and ranks die with the zygote, which dies with pytest
-        assert time.monotonic() < end, f"left behind: {net_namespaces() & made}"
-        time.sleep(0.05)
+    wait_gone(made)   # holders and ranks die with the zygote, which dies with pytest
 
 
 ENGINE_TEST = """
