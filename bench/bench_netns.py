@@ -25,12 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_data_plane import timed, train  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args(argv)
+PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PARSER.add_argument("--repeats", type=int, default=5)
+PARSER.add_argument("--steps", type=int, default=30)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = PARSER.parse_args(argv)
     timed(train, 2, world_size=4, nodes=2, timeout=120)  # the zygote's start is no one's cost
     waiting = "partition(nodes=(1,), at=step#100000)"
     cases = [(f"{label} {engine}", engine, faults) for label, faults in (("no fault", None), ("waiting", waiting))
