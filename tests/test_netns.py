@@ -324,6 +324,34 @@ def test_a_partition_at_init_keeps_node_1_from_the_store_and_node_0_waits_for_it
         assert took < 5, took
 
 
+def until_refused(tmp):
+    """Node 1 connects to the store again and again until the cut refuses it; node 0 waits."""
+    if os.environ["RANK"] == "0":
+        wait_for(f"{tmp}/refused")
+        return None
+    end = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=1).close()
+        except OSError as exc:
+            open(f"{tmp}/refused", "w").close()
+            return exc.errno
+        assert time.monotonic() < end, "never cut"
+
+
+@needs_namespaces
+def test_the_harness_cuts_at_its_time(tmp_path):
+    import errno
+
+    res = run_group(until_refused, str(tmp_path), world_size=2, nodes=2, timeout=30,
+                    faults="partition(nodes=(1,), mode=reject, at=t=0.3)")
+    res.assert_all_ok()
+    # refused (a connect racing the cut may be one of the connections it resets)
+    assert res[1].value in (errno.EHOSTUNREACH, errno.ECONNABORTED), res[1].value
+    assert [(e.trigger, e.time >= 0.3) for e in res.fault_events] == [("t=0.3", True)]
+    assert res[1].end_time >= 0.3
+
+
 def where_and_who():
     return os.stat("/proc/self/ns/net").st_ino, os.stat("/proc/self/ns/user").st_ino, os.getuid()
 
