@@ -109,9 +109,6 @@ class DDP:
 
         limit = self.timeout if timeout is _UNSET else check_timeout(timeout, "ddp.torchrun(timeout=...)")
         check_nnodes(nnodes, min_nodes)
-        if self.network == "namespaces":
-            raise SettingsError("network='namespaces' (--ddp-network, DDPFAULT_NETWORK) is for ddp.run: ddp.torchrun "
-                                "runs its agents and workers on the proxies engine; use network='auto' or 'proxies'")
         if nproc is None:
             if self.world_size % nnodes:
                 raise SettingsError(f"nnodes={nnodes} does not divide world_size={self.world_size}: give nproc "
@@ -124,7 +121,7 @@ class DDP:
             result = launch_torchrun(script_or_module, *args, nproc=nproc, max_restarts=max_restarts,
                                      faults=self.faults if faults is _UNSET else faults, timeout=limit, env=env,
                                      nnodes=nnodes, min_nodes=min_nodes, rdzv_conf=rdzv_conf,
-                                     **{"toxiproxy": self.toxiproxy, **options})
+                                     **{"toxiproxy": self.toxiproxy, "network": self.network, **options})
         self.results.append(result)
         self._settle_unfired(result, allow, "ddp.torchrun")
         return result

@@ -536,6 +536,7 @@ class TorchrunResult:
     events: list = field(default_factory=list)           # raw DDPFAULT_EVENTS records
     unfired: list = field(default_factory=list)          # UnfiredFault: what the plan asked for in vain
     nodes: list = field(default_factory=list)            # NodeResult per node with nnodes > 1, else empty
+    network: str = "proxies"            # the engine of scoped network faults between nodes (netns.py)
 
     @property
     def ok(self) -> bool:

@@ -434,10 +434,10 @@ def test_the_option_the_ini_key_and_the_env_choose_the_engine(pytester, monkeypa
         str(result.stdout), result.stdout.str()
 
 
-def test_torchrun_under_namespaces_says_it_runs_on_the_proxies():
+def test_namespaces_under_a_single_node_torchrun_is_an_error_that_says_why():
     from pytest_ddpfault.api import DDP
 
-    with pytest.raises(SettingsError, match="ddp.torchrun runs its agents and workers on the proxies engine"):
+    with pytest.raises(SettingsError, match="network='namespaces' under ddp.torchrun needs nnodes > 1"):
         DDP(world_size=2, network="namespaces").torchrun("some_script.py")
     with pytest.raises(SettingsError, match="network 'fast' from DDP"):
         DDP(world_size=2, network="fast")

@@ -8,13 +8,15 @@ no fixed port, and the agents may start connecting at once. No agent hosts it
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
 
 from pytest_ddpfault.deadline import Deadline
-from pytest_ddpfault.errors import SettingsError
+from pytest_ddpfault.errors import HarnessError, SettingsError
 from pytest_ddpfault.parent.reaping import kill_with_group
+from pytest_ddpfault.rank.rdzv_host import BACKLOG
 
 # rdzv_conf keys torch's c10d/dynamic rendezvous reads (dynamic_rendezvous.create_handler and
 # c10d_rendezvous_backend), all whole seconds or counts >= 1.
@@ -22,7 +24,6 @@ RDZV_INT_KEYS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbea
                  "keep_alive_interval", "keep_alive_max_attempt", "read_timeout")
 _HARNESS_KEYS = {"is_host": "the harness hosts the rendezvous store: every agent is a client",
                  "store_type": "the rendezvous store is the harness's TCPStore"}
-_BACKLOG = 128
 
 
 def parse_rdzv_conf(conf) -> dict[str, int]:
@@ -66,14 +67,23 @@ def format_rdzv_conf(conf: dict, client: bool = True) -> str:
 
 
 class RendezvousEndpoint:
-    """A TCPStore on 127.0.0.1 that the harness owns; ``address`` is ``host:port``."""
+    """A TCPStore on 127.0.0.1 that the harness owns; ``address`` is ``host:port``.
 
-    def __init__(self, env: dict, out_path: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ``inside`` (the ``nsenter`` prefix into node 0's network namespace, under the
+    "namespaces" engine) and ``host`` (node 0's address): the store process binds there
+    itself and reports its port (``--bind``), within ``until``."""
+
+    def __init__(self, env: dict, out_path: str, inside: list[str] | None = None, host: str = "127.0.0.1",
+                 until: Deadline | None = None) -> None:
+        self.host = host
         self.proc: subprocess.Popen | None = None
+        if inside is not None:
+            self._start_inside(env, out_path, inside, until or Deadline.after(30.0))
+            return
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.sock.bind(("127.0.0.1", 0))
-            self.sock.listen(_BACKLOG)   # clients queue here until the store takes the socket over
+            self.sock.listen(BACKLOG)   # clients queue here until the store takes the socket over
             self.port = self.sock.getsockname()[1]
             fd = self.sock.fileno()
             with open(out_path, "wb") as out:
@@ -84,9 +94,37 @@ class RendezvousEndpoint:
         finally:
             self.sock.close()  # the store process holds the socket now
 
+    def _start_inside(self, env: dict, out_path: str, inside: list[str], until: Deadline) -> None:
+        r, w = os.pipe()
+        try:
+            with open(out_path, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [*inside, sys.executable, "-m", "pytest_ddpfault.rank.rdzv_host", "--bind", self.host, str(w),
+                     str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(w,),
+                    start_new_session=True)
+            os.close(w)
+            w = -1
+            text = b""
+            while not text.endswith(b"\n"):
+                ready, _, _ = select.select([r], [], [], until.remaining())
+                chunk = os.read(r, 64) if ready else b""
+                if not chunk:
+                    self.stop(Deadline.after(1.0))
+                    with open(out_path, errors="replace") as f:
+                        said = f.read()[-800:]
+                    raise HarnessError(f"the rendezvous store in node 0's namespace did not report its port "
+                                       f"({'it ended' if ready else 'in time'}): {said}")
+                text += chunk
+            self.port = int(text)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stop(self, until: Deadline) -> None:
         if self.proc is not None and self.proc.poll() is None:

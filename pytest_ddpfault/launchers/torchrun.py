@@ -50,7 +50,7 @@ from pytest_ddpfault.rank import env_plan
 from pytest_ddpfault.deadline import Deadline
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.frames import hide_in_stack
-from pytest_ddpfault.launchers.link_faults import LaunchedLinkFaults
+from pytest_ddpfault.launchers.link_faults import LaunchedLinkFaults, LaunchedNamespaces
 from pytest_ddpfault.links import scopes
 from pytest_ddpfault.launchers.rendezvous import RendezvousEndpoint, format_rdzv_conf, parse_rdzv_conf
 from pytest_ddpfault.procfs import descendants, pending_signals, start_ticks
@@ -112,8 +112,11 @@ def run_torchrun(script_or_module: str | os.PathLike, *args, **options) -> Torch
 def launch_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, max_restarts: int = 0,
                     faults=None, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
                     cwd: str | os.PathLike | None = None, torchrun_args: tuple = (), nnodes: int = 1,
-                    min_nodes: int | None = None, rdzv_conf=None, toxiproxy=None) -> TorchrunResult:
-    """``run_torchrun`` without the warning of unfired faults (``ddp.torchrun`` settles them)."""
+                    min_nodes: int | None = None, rdzv_conf=None, toxiproxy=None,
+                    network: str = "auto") -> TorchrunResult:
+    """``run_torchrun`` without the warning of unfired faults (``ddp.torchrun`` settles them).
+    ``network``: the engine of scoped network faults between nodes (``netns.py``; see
+    ``network_engine``)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise SettingsError(f"nproc must be a whole number >= 1, got {nproc!r}")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -121,6 +124,7 @@ def launch_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, 
     min_nodes = check_nnodes(nnodes, min_nodes)
     conf = parse_rdzv_conf(rdzv_conf)
     plan = env_plan.validate_env_plan(faults, nproc * nnodes, nodes=nnodes if nnodes > 1 else None)
+    engine = network_engine(network, plan, nproc, nnodes)
     target, is_module = _target(script_or_module)
     script = [*map(str, torchrun_args), *(["--module"] if is_module else []), target, *map(str, args)]
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
@@ -135,22 +139,44 @@ def launch_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, 
     alone = any(item.fault.definition.orphans_workers(item.fault) for item in plan)
     run = _LaunchRun(plan, timeout, env, cwd, defaults={SHARE_RDZV_STORE_ENV: "1"},
                      die_with_parent=env_plan.AGENTS_ONLY if alone else "1")
+    run.network = engine
     size = f"{min_nodes}:{nnodes}" if min_nodes != nnodes else str(nnodes)
 
     def agents() -> list[_Agent]:
-        endpoint = run.open_endpoint()
-        faults = run.open_link_faults(nproc, nnodes, toxiproxy)
+        namespaces = run.open_namespaces(nproc, nnodes) if engine == "namespaces" else None
+        if namespaces is not None:  # the store with node 0, each agent in its node's namespace
+            endpoint = run.open_endpoint(namespaces.nsenter(0), node_address(0))
+            faults = None
+        else:
+            endpoint = run.open_endpoint()
+            faults = run.open_link_faults(nproc, nnodes, toxiproxy)
         out = []
         for node in range(nnodes):
             log_dir = os.path.join(run.log_dir, f"node{node}")
             rdzv = faults.rendezvous_endpoint(node, endpoint) if faults is not None else endpoint
-            argv = [*torchrun, f"--nnodes={size}", *sizes, "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}",
+            inside = namespaces.nsenter(node) if namespaces is not None else []
+            argv = [*inside, *torchrun, f"--nnodes={size}", *sizes, "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}",
                     f"--rdzv-id={os.path.basename(run.dir)}", f"--rdzv-conf={format_rdzv_conf(conf)}",
                     f"--local-addr={node_address(node)}", f"--log-dir={log_dir}", "--tee=3", *script]
             out.append(_Agent(node, argv, {env_plan.ENV_NODE: str(node), NODE_ADDR_ENV: node_address(node)},
                               log_dir))
         return out
     return run.run(agents, max_restarts)
+
+
+def network_engine(network: str, plan: tuple, nproc: int, nnodes: int) -> str:
+    """The engine a multi-node run gets: ``"namespaces"`` where asked for (a ``SettingsError``
+    saying why where the machine or the plan does not allow it, as ``netns.choose``), else
+    ``"proxies"`` (also under ``auto``)."""
+    from pytest_ddpfault.netns import check_network, choose
+
+    check_network(network, "ddp.torchrun(network=...)")
+    if network != "namespaces":
+        return "proxies"
+    if nnodes == 1:
+        raise SettingsError("network='namespaces' under ddp.torchrun needs nnodes > 1 (a namespace per node's "
+                            "agent); with nnodes=1 use network='auto' or 'proxies' (--ddp-network, DDPFAULT_NETWORK)")
+    return choose(network, tuple(item.fault for item in plan), nproc * nnodes, nnodes)
 
 
 def check_nnodes(nnodes, min_nodes) -> int:
@@ -246,7 +272,8 @@ class _LaunchRun:
         self.frozen: dict[int, dict] = {}  # pid -> the fault event of the hang_rank that froze it
         self.released: dict[int, tuple[float, int]] = {}  # frozen pid -> (when killed, the stop signal)
         self.node_of: dict[int, int] = {}  # pid -> the node of each recorded process (nnodes > 1)
-        self.link_faults: LaunchedLinkFaults | None = None  # the plan's scoped network faults (nnodes > 1)
+        self.link_faults: LaunchedLinkFaults | LaunchedNamespaces | None = None  # scoped network faults (nnodes > 1)
+        self.network = "proxies"               # the engine of scoped network faults (network_engine)
 
     def env(self) -> dict:
         env = self.base_env()
@@ -267,10 +294,18 @@ class _LaunchRun:
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
-    def open_endpoint(self) -> str:
-        """Start the run's rendezvous store (stopped with the run); its ``host:port``."""
-        self.endpoint = RendezvousEndpoint(self.base_env(), os.path.join(self.dir, "rdzv.out"))
+    def open_endpoint(self, inside: list[str] | None = None, host: str = "127.0.0.1") -> str:
+        """Start the run's rendezvous store (stopped with the run); its ``host:port``.
+        ``inside``: the prefix that starts it in node 0's namespace, on ``host``."""
+        self.endpoint = RendezvousEndpoint(self.base_env(), os.path.join(self.dir, "rdzv.out"), inside, host,
+                                           Deadline(self.start + self.timeout))
         return self.endpoint.address
+
+    def open_namespaces(self, nproc: int, nnodes: int) -> LaunchedNamespaces:
+        """The node namespaces (the "namespaces" engine; gone with the run)."""
+        self.link_faults = LaunchedNamespaces(self.plan, nproc, nnodes, self.dir, self.base_env(),
+                                              Deadline(self.start + self.timeout))
+        return self.link_faults
 
     def open_link_faults(self, nproc: int, nnodes: int, toxiproxy) -> LaunchedLinkFaults | None:
         """The proxies of the plan's scoped network faults (closed with the run); None without one."""
@@ -501,14 +536,13 @@ class _LaunchRun:
                              signal=-code if code < 0 else None, stdout=stdout, stderr=stderr,
                              timed_out=self.timed_out, duration=round(duration, 4),
                              plan=env_plan.format_env_plan(self.plan), max_restarts=max_restarts,
-                             events=events)
+                             events=events, network=self.network)
         if self.link_faults is not None:  # what the launcher itself put in place and removed
             events = [*events, *self.link_faults.fired]
         if self.link_faults is None:
             scope = {}
         else:
-            links = self.link_faults.link_proxies.links
-            scope = scopes(self.link_faults.faults, links.world_size, links.nodes)
+            scope = scopes(self.link_faults.faults, self.link_faults.world_size, self.link_faults.nodes)
         res.fault_events = sorted((AttemptFaultEvent(
             ev["kind"], ev.get("rank"), ev.get("trigger", ""), round(max(0.0, ev["time"] - self.start), 4),
             ev.get("spec", ""), ev.get("detail", ""), node=ev.get("node"), scope=scope.get(ev.get("spec"), ()),

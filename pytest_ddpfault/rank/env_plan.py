@@ -73,6 +73,9 @@ ENV_NODE = "DDPFAULT_NODE"
 # Set by a multi-node ddp.torchrun whose plan holds a scoped network fault: the table of the
 # run's link proxies (links.LinkProxies.to_wire(), as JSON) the workers' gloo goes through.
 ENV_LINKS = "DDPFAULT_LINKS"
+# Set by a multi-node ddp.torchrun on the "namespaces" engine: the run's node namespaces
+# (rank.netns.NamespaceCuts.to_wire(), as JSON), where a worker's in-rank partition puts its routes.
+ENV_NETNS = "DDPFAULT_NETNS"
 # torchrun gives group ranks in the order of its agents' addresses as text: 127.0.7.1 ..
 # 127.0.7.9 are nodes 0..8 in order, but 127.0.7.10 (node 9) sorts before 127.0.7.2. A fault
 # that signals node N counts in group rank N, so beyond this it would signal another node.
@@ -382,6 +385,11 @@ class _Activation:
             if self.node is not None and per_node is not None and local is not None:
                 # a node a fault may cut off from node 0 reaches the store through its path
                 links.route_store(installed, self.node * per_node + local, os.environ)
+        cuts = self.env.get(ENV_NETNS)
+        if cuts:
+            from pytest_ddpfault.rank import netns
+
+            netns.install(netns.NamespaceCuts.from_wire(json.loads(cuts)))
         try:
             fitting = []
             for item in self.plan:

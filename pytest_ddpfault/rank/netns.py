@@ -339,7 +339,10 @@ def hold_main(job) -> int:
     """``ChildJob`` target of a run's namespace holder: make them, tell the harness
     (``netns_ready`` with the node holders' pids, or ``netns_failed`` with why), then wait
     until the harness kills this process group."""
-    opts = pickle.loads(job.payload)
+    return _hold(pickle.loads(job.payload))
+
+
+def _hold(opts: dict) -> int:
     events = EventSink(opts["events_path"])
     try:
         pids = make_namespaces(opts["nodes"], opts["user"])
@@ -349,3 +352,21 @@ def hold_main(job) -> int:
     events.send("netns_ready", pids=pids, user=opts["user"])
     while True:
         signal.pause()
+
+
+def main(argv: list[str]) -> int:
+    """A holder as a process of its own (``ddp.torchrun``'s, which has no zygote)::
+
+        python -m pytest_ddpfault.rank.netns EVENTS_PATH NODES USER(0|1) LAUNCHER_PID
+
+    It dies with its launcher (PR_SET_PDEATHSIG), its node children with it."""
+    from pytest_ddpfault.rank.bootstrap import die_with_parent
+
+    die_with_parent(int(argv[3]))
+    return _hold({"events_path": argv[0], "nodes": int(argv[1]), "user": argv[2] == "1"})
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
