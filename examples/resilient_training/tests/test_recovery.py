@@ -65,7 +65,10 @@ def test_slow_store_is_only_slower(ddp, cfg, reference):
 def test_training_does_not_need_the_store_after_init(ddp, cfg):
     # gloo talks peer to peer once the group is up: losing the store mid-training is
     # harmless here, until something (a new group, a barrier on the store) needs it
-    res = ddp.run(train, TrainConfig(steps=2000, ckpt_every=10_000, ckpt_dir=cfg.ckpt_dir, pg_timeout=2.0))
+    # (on a loaded machine the store may go before a rank's init is done: then its few store
+    # tries fail and it raises, rather than retrying past the harness's deadline)
+    res = ddp.run(train, TrainConfig(steps=2000, ckpt_every=10_000, ckpt_dir=cfg.ckpt_dir, pg_timeout=2.0,
+                                     store_tries=3))
     assert res.fault_events and res.fault_events[0].kind == "store_down"
     assert all(r.status in ("ok", "raised") for r in res)
     for r in res:
