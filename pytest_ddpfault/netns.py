@@ -13,7 +13,9 @@ over all planes), when the machine permits namespaces (root, or unprivileged use
 namespaces, with ``ip``, ``nsenter`` and ``unshare`` at hand); otherwise ``proxies``. A run
 without a scoped fault has nothing to cut and keeps the cheaper engine. Asking for
 ``namespaces`` where the machine or the plan does not allow it is a ``SettingsError`` that
-says why, never a silent fallback.
+says why, never a silent fallback. A multi-node ``ddp.torchrun`` follows the same rule
+(``launchers.torchrun.network_engine``): each node's agent and workers in its node's
+namespace, the rendezvous store in node 0's.
 """
 from __future__ import annotations
 

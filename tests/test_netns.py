@@ -394,6 +394,12 @@ def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
     env = {**os.environ, "MARK": str(mark), "DDPFAULT_NETWORK": "namespaces"}
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_once_both_run(proc, mark)   # holders and ranks die with the zygote, which dies with pytest
+
+
+def kill_once_both_run(proc: subprocess.Popen, mark) -> None:
+    """Once both ranks of the pytest ``proc`` wrote their namespace to ``mark.<rank>``:
+    SIGKILL it, then wait until nothing is left in those two namespaces."""
     try:
         end = time.monotonic() + 120
         while not all(os.path.exists(f"{mark}.{r}") for r in (0, 1)):  # both ranks run, in their namespaces
@@ -404,7 +410,7 @@ def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    wait_gone(made)   # holders and ranks die with the zygote, which dies with pytest
+    wait_gone(made)
 
 
 ENGINE_TEST = """

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -14,8 +16,8 @@ from pytest_ddpfault import netns
 from pytest_ddpfault.api import DDP
 
 from _helpers import assert_nothing_left
-from test_netns import net_namespaces, wait_gone
-from test_torchrun_nodes import FAST, no_launcher_left  # noqa: F401 (a fixture)
+from test_netns import kill_once_both_run, net_namespaces, wait_gone
+from test_torchrun_nodes import FAST
 
 needs_namespaces = pytest.mark.skipif(bool(netns.not_permitted()),
                                       reason=f"no network namespaces here: {netns.not_permitted()}")
@@ -57,7 +59,7 @@ def report(seen):
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=5))
 store = dist.TCPStore(addr, port, 2, False, timeout=datetime.timedelta(seconds=1))
-seen = {"netns": os.stat("/proc/self/ns/net").st_ino, "node_addr": os.environ.get("DDPFAULT_NODE_ADDR"),
+seen = {"netns": os.stat("/proc/self/ns/net").st_ino, "userns": os.stat("/proc/self/ns/user").st_ino, "node_addr": os.environ.get("DDPFAULT_NODE_ADDR"),
         "master_addr": addr}
 if rank == 0:
     server = socket.create_server((os.environ["DDPFAULT_NODE_ADDR"], 0))
@@ -83,7 +85,10 @@ os._exit(0)   # the gloo pairs the cut reset: no goodbye over them
 
 
 @needs_namespaces
-def test_a_reject_cuts_node_1s_store_and_user_sockets_and_node_0s_keep_working(tmp_path, no_launcher_left):
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_a_reject_cuts_node_1s_store_and_user_sockets_and_node_0s_keep_working(tmp_path, monkeypatch, userns):
+    if userns:  # the way unprivileged users get (as root: DDPFAULT_NETNS_USERNS=1)
+        monkeypatch.setenv(netns.USERNS_ENV, "1")
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
     out = tmp_path / "out"
@@ -98,6 +103,8 @@ def test_a_reject_cuts_node_1s_store_and_user_sockets_and_node_0s_keep_working(t
     namespaces = {s["netns"] for s in seen}
     assert len(namespaces) == 2 and os.stat("/proc/self/ns/net").st_ino not in namespaces
     assert [s["node_addr"] for s in seen] == ["127.0.7.1", "127.0.7.2"]
+    own_user = os.stat("/proc/self/ns/user").st_ino
+    assert [s["userns"] != own_user for s in seen] == [userns, userns]
     assert seen[1]["master_addr"] == "127.0.7.1"
     assert seen[1]["user_before"] == ["ok", ""]
     assert seen[1]["user"] == ["OSError", "[Errno 113] No route to host"]
@@ -111,3 +118,35 @@ def test_a_reject_cuts_node_1s_store_and_user_sockets_and_node_0s_keep_working(t
         [(w.node, w.status, w.exit_code, w.signal, w.note) for w in res.workers]
     assert_nothing_left(res)
     wait_gone(namespaces - before)
+
+
+WAITING_WORKER = '''
+import os, sys, time
+import torch.distributed as dist
+
+with open(f"{sys.argv[1]}.{os.environ['RANK']}.tmp", "w") as f:   # the worker's namespace, then the file
+    f.write(str(os.stat("/proc/self/ns/net").st_ino))
+os.rename(f"{sys.argv[1]}.{os.environ['RANK']}.tmp", f"{sys.argv[1]}.{os.environ['RANK']}")
+time.sleep(600)
+'''
+
+KILLED_RUN = '''
+import os
+import pytest
+
+@pytest.mark.ddp(world_size=2, nodes=2, fault="partition(nodes=(1,), at=t=300)", timeout=600, allow_unfired=True)
+def test_long(ddp):
+    ddp.torchrun(os.environ["WORKER"], os.environ["MARK"], nnodes=2, rdzv_conf={"join_timeout": 20})
+'''
+
+
+@needs_namespaces
+def test_nothing_outlives_a_sigkilled_pytest(tmp_path):
+    """Holder, node children, rendezvous store, agents and workers all die with pytest."""
+    (tmp_path / "test_killed.py").write_text(textwrap.dedent(KILLED_RUN))
+    (tmp_path / "waiting.py").write_text(textwrap.dedent(WAITING_WORKER))
+    mark = tmp_path / "started"
+    env = {**os.environ, "MARK": str(mark), "WORKER": str(tmp_path / "waiting.py"), "DDPFAULT_NETWORK": "namespaces"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_once_both_run(proc, mark)

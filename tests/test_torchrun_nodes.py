@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ddpfault import SettingsError, run_group
+from pytest_ddpfault import SettingsError, netns, run_group
 from pytest_ddpfault.api import DDP
 from pytest_ddpfault.faults import FaultSpecError
 from pytest_ddpfault.launchers.rendezvous import parse_rdzv_conf
@@ -234,6 +234,8 @@ def test_a_partition_between_the_nodes(ddp, tmp_path, one_node_from_step_2, no_l
     res = ddp.torchrun(TRAIN, *train_args(tmp_path), "--pg-timeout", "2", nnodes=2, min_nodes=1, max_restarts=1,
                        faults="partition(nodes=(1,), at=step#3)", rdzv_conf=FAST)
 
+    # auto: node namespaces where the machine permits them (a partition between whole nodes)
+    assert res.network == ("proxies" if netns.not_permitted() else "namespaces")
     [event] = res.fault_events
     assert (event.kind, event.trigger, event.node, event.scope, event.attempt) == ("partition", "step#3", 1, (1,), 0)
     assert [(w.node, w.status) for w in res.attempt(0)] == [(0, "raised"), (1, "raised")]

@@ -15,6 +15,9 @@ kinds of traffic:
 launcher's clock; an in-rank trigger fires in the counting worker (its links), and the
 launcher adds the agents' share and removes it all after ``duration``. The same actions
 as ``ddp.run``'s (``faults.network.OnProxies``) drive it: this class is their ``RunControl``.
+
+On the "namespaces" engine (``LaunchedNamespaces``) the node namespaces take the proxies'
+place: a partition is kernel routes that cut both traffics (and every other socket).
 """
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ endpoint the harness owns (``rendezvous.RendezvousEndpoint``): a store no node h
 losing a node loses no rendezvous state. Each agent's environment names its node
 (``DDPFAULT_NODE``): its workers' events carry it, and a fault on a whole node that fires
 in the node's first worker asks this launcher (through the events) to signal that node's
-agent and workers at once.
+agent and workers at once. On the "namespaces" network engine (``network_engine``) each
+agent starts in its node's network namespace (``nsenter``) and the rendezvous store in node
+0's, on node 0's address (``link_faults.LaunchedNamespaces``).
 
 ``run_script`` does the same for a plain ``python script.py`` (``mp.spawn`` and friends).
 
@@ -165,13 +167,14 @@ def launch_torchrun(script_or_module: str | os.PathLike, *args, nproc: int = 2, 
 
 
 def network_engine(network: str, plan: tuple, nproc: int, nnodes: int) -> str:
-    """The engine a multi-node run gets: ``"namespaces"`` where asked for (a ``SettingsError``
-    saying why where the machine or the plan does not allow it, as ``netns.choose``), else
-    ``"proxies"`` (also under ``auto``)."""
+    """The engine a multi-node run gets, as ``netns.choose`` picks it for ``ddp.run``:
+    ``"namespaces"`` where asked for (a ``SettingsError`` saying why where the machine or
+    the plan does not allow it) or, under ``auto``, for a plan whose scoped faults are all
+    partitions between whole nodes the kernel does, where permitted; else ``"proxies"``."""
     from pytest_ddpfault.netns import check_network, choose
 
     check_network(network, "ddp.torchrun(network=...)")
-    if network != "namespaces":
+    if network == "proxies" or (network == "auto" and nnodes == 1):
         return "proxies"
     if nnodes == 1:
         raise SettingsError("network='namespaces' under ddp.torchrun needs nnodes > 1 (a namespace per node's "

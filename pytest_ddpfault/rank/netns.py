@@ -3,7 +3,8 @@ namespace holding the node's address, so a partition between nodes is the kernel
 every socket between them, whoever opened it (gloo, the store, the user's own).
 
 One holder process per run (a ``ChildJob`` forked from the zygote, single-threaded:
-``hold_main``) makes them. Unprivileged, it first makes a user namespace that owns them
+``hold_main``; under ``ddp.torchrun``, ``python -m pytest_ddpfault.rank.netns``: ``main``)
+makes them. Unprivileged, it first makes a user namespace that owns them
 (the caller's uid and gid mapped to 0). It forks one child per node that unshares a network
 namespace and then only waits (``PR_SET_PDEATHSIG``: it dies with the holder, which dies
 with the zygote, which dies with pytest): no namespace is ever bound to a file, so each one
