@@ -18,10 +18,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-# Exit code of a child whose bootstrap itself failed (EX_SOFTWARE).
-BOOTSTRAP_FAILED = 70
+from pytest_ddpfault.rank.lifeline import (  # noqa: F401  (where the zygote and env plans take them)
+    BOOTSTRAP_FAILED, die_with_parent, set_parent_death_signal,
+)
+
 STACK_DUMP_SIGNAL = signal.SIGUSR1
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -42,22 +43,6 @@ class ChildJob:
     # (path, CLONE_NEW* flag) to setns into first, before any socket: its virtual node's network
     # namespace under the "namespaces" engine (rank/netns.py)
     namespaces: tuple = ()
-
-
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """``sig`` (SIGKILL) to this process when its parent dies (Linux; elsewhere, a no-op)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's own clean-up still applies
-        pass
-
-
-def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
-    """``sig`` (SIGKILL) to this process when its parent dies; exit now if it already has."""
-    set_parent_death_signal(sig)
-    if os.getppid() != expected_parent:  # the parent died before prctl took effect
-        os._exit(BOOTSTRAP_FAILED)
 
 
 def register_stack_dump(path: str):

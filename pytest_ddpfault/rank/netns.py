@@ -361,7 +361,7 @@ def main(argv: list[str]) -> int:
         python -m pytest_ddpfault.rank.netns EVENTS_PATH NODES USER(0|1) LAUNCHER_PID
 
     It dies with its launcher (PR_SET_PDEATHSIG), its node children with it."""
-    from pytest_ddpfault.rank.bootstrap import die_with_parent
+    from pytest_ddpfault.rank.lifeline import die_with_parent
 
     die_with_parent(int(argv[3]))
     return _hold({"events_path": argv[0], "nodes": int(argv[1]), "user": argv[2] == "1"})
