@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -24,8 +23,9 @@ def blackhole(sock: socket.socket, seen: list) -> None:
         seen.append(".".join(labels))
 
 
-def isolate() -> None:
-    here = tempfile.mkdtemp(prefix="ddpf-dns-")
+def isolate(here: str) -> None:
+    """``here``: the test's own temporary directory (pytest removes it), for the files bound
+    over /etc/resolv.conf and /etc/hosts in this mount namespace."""
     files = {"/etc/resolv.conf": f"nameserver 127.0.0.1\noptions timeout:{RESOLVER_TIMEOUT} attempts:1\n",
              "/etc/hosts": f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n"}
     for target, text in files.items():
@@ -60,7 +60,7 @@ def timed_init():
 
 
 def main() -> None:
-    isolate()
+    isolate(sys.argv[1])
     dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dns.bind(("127.0.0.1", 53))
     seen: list = []

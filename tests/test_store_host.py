@@ -43,9 +43,9 @@ def _namespaces_work() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _namespaces_work(),
                     reason="needs unprivileged user, mount and network namespaces (unshare -rnm)")
-def test_no_rendezvous_waits_for_reverse_dns_where_dns_drops_queries():
+def test_no_rendezvous_waits_for_reverse_dns_where_dns_drops_queries(tmp_path):
     # A private namespace where DNS never answers and /etc/hosts has no ::ffff:127.0.0.1 line.
-    proc = subprocess.run(["unshare", "-rnm", sys.executable, os.path.join(HERE, "_dns_blackhole.py")],
+    proc = subprocess.run(["unshare", "-rnm", sys.executable, os.path.join(HERE, "_dns_blackhole.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
