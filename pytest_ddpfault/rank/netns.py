@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from pytest_ddpfault.ipc import EventSink
 from pytest_ddpfault.links import node_address
+from pytest_ddpfault.rank.lifeline import die_with_parent, set_parent_death_signal
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -57,7 +58,6 @@ VOID = "void"
 LINK_METRIC = 1000          # the route between two nodes; a cut's routes lie below it
 HOLDER_READY_BUDGET = 10.0  # a node child's unshare
 IP_BUDGET = 20.0            # one `ip -batch` (or nsenter + ip) call
-_PR_SET_PDEATHSIG = 1
 
 
 class NamespaceError(RuntimeError):
@@ -288,7 +288,7 @@ def _node_child(ready_w: int) -> None:
     """A node's namespace: unshare it, say so, then wait to die (with the holder)."""
     code = 1
     try:
-        _libc().prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        set_parent_death_signal(signal.SIGKILL)
         unshare(CLONE_NEWNET)
         os.write(ready_w, b"1")
         while True:
@@ -361,7 +361,6 @@ def main(argv: list[str]) -> int:
         python -m pytest_ddpfault.rank.netns EVENTS_PATH NODES USER(0|1) LAUNCHER_PID
 
     It dies with its launcher (PR_SET_PDEATHSIG), its node children with it."""
-    from pytest_ddpfault.rank.lifeline import die_with_parent
 
     die_with_parent(int(argv[3]))
     return _hold({"events_path": argv[0], "nodes": int(argv[1]), "user": argv[2] == "1"})
